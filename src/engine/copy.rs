@@ -1,0 +1,248 @@
+//! `COPY table [(columns)] FROM STDIN [WITH (...)]`: the statement starts a
+//! copy, the server streams the client's bytes into [`PendingCopy`], and
+//! [`finish`] decodes them in one go and inserts them as one durable change
+//! (all rows or none).
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::sql::sqlparser::ast::{
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement,
+};
+
+use super::Weir;
+use super::ddl::{lookup, normalise};
+use super::table::{TableStore, nullable};
+use crate::format::copy::{CopyFormat, decode_copy};
+use crate::types::{SqlState, WeirError, WeirResult};
+
+/// A COPY waiting for its data.
+#[derive(Debug)]
+pub struct PendingCopy {
+    table: Arc<TableStore>,
+    /// Indices (into the table's columns) of the columns the data carries.
+    columns: Vec<usize>,
+    pub format: CopyFormat,
+    pub data: Vec<u8>,
+    /// Set once data passed `copy_bytes_max`; the rest is discarded.
+    pub overflowed: bool,
+}
+
+impl PendingCopy {
+    pub fn num_columns(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Appends a chunk of client data, enforcing the byte limit.
+    pub fn push(&mut self, chunk: &[u8], limit_bytes: usize) {
+        if self.overflowed || self.data.len() + chunk.len() > limit_bytes {
+            self.overflowed = true;
+            return;
+        }
+        self.data.extend_from_slice(chunk);
+    }
+}
+
+/// Starts a COPY FROM STDIN.
+pub(super) fn start(weir: &Weir, stmt: &Statement) -> WeirResult<PendingCopy> {
+    let Statement::Copy {
+        source,
+        to,
+        target,
+        options,
+        legacy_options,
+        ..
+    } = stmt
+    else {
+        return Err(WeirError::internal("not a COPY statement"));
+    };
+    if *to || !matches!(target, CopyTarget::Stdin) {
+        return Err(WeirError::unsupported(
+            "only COPY ... FROM STDIN is supported",
+            "use COPY t FROM STDIN (psql: \\copy t from 'file'); query results with SELECT",
+        ));
+    }
+    let CopySource::Table {
+        table_name,
+        columns,
+    } = source
+    else {
+        return Err(WeirError::unsupported(
+            "COPY (query) FROM is not supported",
+            "name a table: COPY t FROM STDIN",
+        ));
+    };
+    let table = lookup(weir, table_name)?;
+    let schema = table.schema();
+    let columns = if columns.is_empty() {
+        (0..schema.fields().len()).collect()
+    } else {
+        columns
+            .iter()
+            .map(|c| {
+                let name = normalise(&datafusion::sql::sqlparser::ast::ObjectName::from(vec![
+                    c.clone(),
+                ]));
+                schema.index_of(&name).map_err(|_| {
+                    WeirError::new(
+                        SqlState::UNDEFINED_COLUMN,
+                        format!(
+                            "column \"{name}\" of relation \"{}\" does not exist",
+                            table.relation.name
+                        ),
+                    )
+                })
+            })
+            .collect::<WeirResult<Vec<_>>>()?
+    };
+    let format = parse_format(options, legacy_options)?;
+    Ok(PendingCopy {
+        table,
+        columns,
+        format,
+        data: Vec::new(),
+        overflowed: false,
+    })
+}
+
+fn parse_format(
+    options: &[CopyOption],
+    legacy: &[CopyLegacyOption],
+) -> WeirResult<CopyFormat> {
+    let mut csv = false;
+    let mut delimiter = None;
+    let mut header = false;
+    let mut quote = b'"';
+    let mut null = None;
+    for option in options {
+        match option {
+            CopyOption::Format(ident) => match ident.value.to_lowercase().as_str() {
+                "csv" => csv = true,
+                "text" => csv = false,
+                other => {
+                    return Err(WeirError::unsupported(
+                        format!("COPY format \"{other}\" is not supported"),
+                        "use FORMAT text or FORMAT csv",
+                    ));
+                }
+            },
+            CopyOption::Delimiter(c) => delimiter = Some(ascii(*c)?),
+            CopyOption::Header(h) => header = *h,
+            CopyOption::Quote(c) => quote = ascii(*c)?,
+            CopyOption::Null(s) => null = Some(s.clone()),
+            CopyOption::Encoding(e) if e.eq_ignore_ascii_case("utf8") || e.eq_ignore_ascii_case("utf-8") => {}
+            other => {
+                return Err(WeirError::unsupported(
+                    format!("COPY option {other} is not supported"),
+                    "supported: FORMAT, DELIMITER, HEADER, QUOTE, NULL",
+                ));
+            }
+        }
+    }
+    for option in legacy {
+        match option {
+            CopyLegacyOption::Csv(csv_options) => {
+                csv = true;
+                for o in csv_options {
+                    match o {
+                        CopyLegacyCsvOption::Header => header = true,
+                        CopyLegacyCsvOption::Quote(c) => quote = ascii(*c)?,
+                        other => {
+                            return Err(WeirError::unsupported(
+                                format!("COPY option {other} is not supported"),
+                                "supported: CSV, HEADER, QUOTE, DELIMITER, NULL",
+                            ));
+                        }
+                    }
+                }
+            }
+            CopyLegacyOption::Delimiter(c) => delimiter = Some(ascii(*c)?),
+            CopyLegacyOption::Null(s) => null = Some(s.clone()),
+            other => {
+                return Err(WeirError::unsupported(
+                    format!("COPY option {other} is not supported"),
+                    "supported: CSV, HEADER, QUOTE, DELIMITER, NULL",
+                ));
+            }
+        }
+    }
+    if csv {
+        if null.as_deref().is_some_and(|n| !n.is_empty()) {
+            return Err(WeirError::unsupported(
+                "a NULL string other than the empty string is not supported for CSV",
+                "write NULLs as empty fields",
+            ));
+        }
+        Ok(CopyFormat::Csv {
+            delimiter: delimiter.unwrap_or(b','),
+            quote,
+            header,
+        })
+    } else {
+        if header {
+            return Err(WeirError::unsupported(
+                "HEADER is only supported with FORMAT csv",
+                "remove HEADER, or use FORMAT csv",
+            ));
+        }
+        Ok(CopyFormat::Text {
+            delimiter: delimiter.unwrap_or(b'\t'),
+            null: null.unwrap_or_else(|| "\\N".to_string()),
+        })
+    }
+}
+
+fn ascii(c: char) -> WeirResult<u8> {
+    u8::try_from(c)
+        .ok()
+        .filter(u8::is_ascii)
+        .ok_or_else(|| {
+            WeirError::new(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("COPY delimiter and quote must be one ASCII character, not {c:?}"),
+            )
+        })
+}
+
+/// Decodes the collected data and inserts it; returns the row count.
+pub(super) async fn finish(copy: PendingCopy, limit_bytes: usize) -> WeirResult<u64> {
+    if copy.overflowed {
+        return Err(WeirError::new(
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+            format!("COPY data exceeds the limit of {limit_bytes} bytes"),
+        )
+        .with_hint("split the data into several COPY statements; nothing was loaded"));
+    }
+    let table_schema = copy.table.schema();
+    // Decode only the named columns (nullable: NOT NULL is checked on insert
+    // with a proper error), then fill the others with NULLs.
+    let decode_schema: SchemaRef = Arc::new(Schema::new(
+        copy.columns
+            .iter()
+            .map(|&i| {
+                let f = table_schema.field(i);
+                Field::new(f.name(), f.data_type().clone(), true)
+            })
+            .collect::<Vec<_>>(),
+    ));
+    let format = copy.format.clone();
+    let data = copy.data;
+    let decoded = tokio::task::spawn_blocking(move || decode_copy(&data, &format, decode_schema))
+        .await
+        .map_err(|e| WeirError::internal(format!("COPY decoder task failed: {e}")))??;
+    let rows = decoded.num_rows();
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(table_schema.fields().len());
+    for (i, field) in table_schema.fields().iter().enumerate() {
+        match copy.columns.iter().position(|&c| c == i) {
+            Some(pos) => columns.push(decoded.column(pos).clone()),
+            None => columns.push(new_null_array(field.data_type(), rows)),
+        }
+    }
+    let batch = RecordBatch::try_new(nullable(&table_schema), columns)
+        .map_err(|e| WeirError::internal(format!("assembling COPY rows: {e}")))?;
+    if batch.num_rows() == 0 {
+        return Ok(0);
+    }
+    copy.table.insert(batch).await
+}

@@ -1,0 +1,43 @@
+//! Weir: a streaming SQL database in one binary: a durable message queue and
+//! incremental stream processing, spoken over the PostgreSQL wire protocol.
+//!
+//! # Life of a statement
+//!
+//! ## A `SELECT`
+//! 1. `server::pgwire` receives a `Query` message (or `Parse`/`Bind`/`Execute`)
+//!    on the connection's task and takes the connection's [`engine::Session`].
+//! 2. [`sql::SqlParser::parse`] turns the text into sqlparser `Statement`s
+//!    (PostgreSQL dialect, with `datafusion-pg-catalog`'s rewrites for client
+//!    catalog queries); syntax errors become a [`types::WeirError`] with a
+//!    position.
+//! 3. [`engine::Session::prepare`] calls [`plan::classify`]; a query is
+//!    planned by DataFusion into a `LogicalPlan` against the `weir.public`
+//!    schema, whose tables are [`engine::WeirTable`] providers.
+//! 4. [`engine::Session::execute`] runs the plan; each `WeirTable::scan`
+//!    snapshots the table's [`state::ZSetState`] (Arrow batches) so readers
+//!    never wait for writers.
+//! 5. The [`engine::Output::Rows`] stream is encoded batch by batch into
+//!    `DataRow`s by `arrow-pg`; an error mid-stream is mapped by
+//!    [`plan::from_datafusion`] to its SQLSTATE.
+//!
+//! ## An `INSERT`, `UPDATE` or `DELETE`
+//! 1. Steps 1–3 above; DataFusion plans a DML node targeting a `WeirTable`.
+//! 2. The table computes a [`types::ChangeBatch`] (rows with ±1 weights),
+//!    [`state::ZSetState::check`]s it (primary key, NOT NULL), encodes it with
+//!    [`format::ipc::encode_change`] and appends it to the table's
+//!    [`queue::Log`] with `append_durable` (fsync, group commit).
+//! 3. Only then is the change applied to memory and the command tag returned.
+//!    On start, [`engine::Weir::open`] replays each log into memory.
+//!
+//! `CREATE MATERIALIZED VIEW` and the broker → source → window → Parquet path
+//! join this walk with the streaming runtime (`stream`) and connectors.
+
+pub mod catalog;
+pub mod engine;
+pub mod format;
+pub mod plan;
+pub mod queue;
+pub mod server;
+pub mod sql;
+pub mod state;
+pub mod types;
