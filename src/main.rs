@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use weir::server::{RunningServer, ServerConfig};
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "Streaming SQL database over the PostgreSQL wire protocol")]
+#[command(
+    name = "weir",
+    version,
+    about = "Streaming SQL database over the PostgreSQL wire protocol"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +42,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weir: cannot start the async runtime: {e}");

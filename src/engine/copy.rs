@@ -106,10 +106,7 @@ pub(super) fn start(weir: &Weir, stmt: &Statement) -> WeirResult<PendingCopy> {
     })
 }
 
-fn parse_format(
-    options: &[CopyOption],
-    legacy: &[CopyLegacyOption],
-) -> WeirResult<CopyFormat> {
+fn parse_format(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> WeirResult<CopyFormat> {
     let mut csv = false;
     let mut delimiter = None;
     let mut header = false;
@@ -131,7 +128,8 @@ fn parse_format(
             CopyOption::Header(h) => header = *h,
             CopyOption::Quote(c) => quote = ascii(*c)?,
             CopyOption::Null(s) => null = Some(s.clone()),
-            CopyOption::Encoding(e) if e.eq_ignore_ascii_case("utf8") || e.eq_ignore_ascii_case("utf-8") => {}
+            CopyOption::Encoding(e)
+                if e.eq_ignore_ascii_case("utf8") || e.eq_ignore_ascii_case("utf-8") => {}
             other => {
                 return Err(WeirError::unsupported(
                     format!("COPY option {other} is not supported"),
@@ -194,15 +192,12 @@ fn parse_format(
 }
 
 fn ascii(c: char) -> WeirResult<u8> {
-    u8::try_from(c)
-        .ok()
-        .filter(u8::is_ascii)
-        .ok_or_else(|| {
-            WeirError::new(
-                SqlState::INVALID_PARAMETER_VALUE,
-                format!("COPY delimiter and quote must be one ASCII character, not {c:?}"),
-            )
-        })
+    u8::try_from(c).ok().filter(u8::is_ascii).ok_or_else(|| {
+        WeirError::new(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("COPY delimiter and quote must be one ASCII character, not {c:?}"),
+        )
+    })
 }
 
 /// Decodes the collected data and inserts it; returns the row count.

@@ -14,10 +14,10 @@ use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{ObjectName, Statement};
 
-use crate::plan::from_datafusion;
 use super::table::{TableStore, WeirTable};
 use super::{Weir, log_error};
 use crate::catalog::{Relation, RelationKind};
+use crate::plan::from_datafusion;
 use crate::queue::Log;
 use crate::types::{SqlState, WeirError, WeirResult};
 
@@ -30,11 +30,7 @@ struct TableDefinition {
     has_query: bool,
 }
 
-async fn plan_definition(
-    weir: &Weir,
-    sql: &str,
-    stmt: &Statement,
-) -> WeirResult<TableDefinition> {
+async fn plan_definition(weir: &Weir, sql: &str, stmt: &Statement) -> WeirResult<TableDefinition> {
     let state = weir.inner.ctx.state();
     let plan = state
         .statement_to_plan(df_statement(stmt))
@@ -131,7 +127,7 @@ pub(super) async fn open_table(weir: &Weir, relation: Relation) -> WeirResult<Ar
         .ok_or_else(|| WeirError::internal(format!("empty definition of {}", relation.name)))?;
     let def = plan_definition(weir, &relation.sql, stmt).await?;
     let dir = weir.table_dir(relation.id);
-    let log_config = weir.inner.config.log.clone();
+    let log_config = weir.inner.config.log;
     let name = relation.name.clone();
     let store = tokio::task::spawn_blocking(move || -> WeirResult<TableStore> {
         let log = Log::open(&dir, log_config).map_err(log_error)?;

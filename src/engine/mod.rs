@@ -8,6 +8,7 @@
 
 mod copy;
 mod ddl;
+mod dml;
 mod session;
 mod settings;
 mod table;
@@ -127,7 +128,10 @@ impl Weir {
         lock.try_lock().map_err(|_| {
             WeirError::new(
                 SqlState::IO_ERROR,
-                format!("data directory {} is in use by another weir process", dir.display()),
+                format!(
+                    "data directory {} is in use by another weir process",
+                    dir.display()
+                ),
             )
             .with_hint("stop the other process, or give this one its own --data-dir")
         })?;
@@ -206,7 +210,11 @@ impl Weir {
     }
 
     fn table_dir(&self, id: u64) -> PathBuf {
-        self.inner.config.data_dir.join("tables").join(id.to_string())
+        self.inner
+            .config
+            .data_dir
+            .join("tables")
+            .join(id.to_string())
     }
 
     pub(crate) fn count_statement(&self, failed: bool) {
@@ -273,7 +281,9 @@ fn new_context() -> WeirResult<SessionContext> {
         DataType::Utf8,
         Volatility::Immutable,
         Arc::new(move |_args: &[ColumnarValue]| {
-            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(version.clone()))))
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(
+                version.clone(),
+            ))))
         }),
     ));
     Ok(ctx)

@@ -21,9 +21,10 @@ use futures::TryStreamExt;
 
 use super::copy::{self, PendingCopy};
 use super::ddl::{self, df_statement};
-use crate::plan::{Kind, classify, from_datafusion, parameter_types, pg_column_names};
+use super::dml;
 use super::settings;
 use super::{Weir, version_string};
+use crate::plan::{Kind, classify, from_datafusion, parameter_types, pg_column_names};
 use crate::types::{SqlState, WeirError, WeirResult};
 
 /// What a statement produced, for the server to put on the wire.
@@ -64,7 +65,9 @@ pub struct Prepared {
 enum Block {
     None,
     /// Inside BEGIN; counts statements that changed data (already applied).
-    Open { writes: usize },
+    Open {
+        writes: usize,
+    },
     /// A statement in the block failed: only COMMIT/ROLLBACK are accepted.
     Failed,
 }
@@ -117,7 +120,10 @@ impl Session {
     /// Plans a statement for this session; inside a failed transaction
     /// block only COMMIT/ROLLBACK get through, and a failure fails the block.
     pub async fn prepare(&mut self, statement: Statement, text: &str) -> WeirResult<Prepared> {
-        let ends_block = matches!(statement, Statement::Commit { .. } | Statement::Rollback { .. });
+        let ends_block = matches!(
+            statement,
+            Statement::Commit { .. } | Statement::Rollback { .. }
+        );
         if self.block == Block::Failed && !ends_block {
             self.weir.count_statement(true);
             return Err(aborted_block());
@@ -213,6 +219,25 @@ impl Session {
         params: Option<ParamValues>,
     ) -> WeirResult<Output> {
         let text = &prepared.text;
+        // UPDATE/DELETE were planned by DataFusion to check them and infer
+        // parameter types; they run as a SELECT plus one change (see dml.rs).
+        match &prepared.statement {
+            Statement::Update(update) => {
+                let rows = dml::update(&self.weir, update, params.as_ref(), text).await?;
+                return Ok(Output::Command {
+                    tag: "UPDATE".to_string(),
+                    rows: Some(rows),
+                });
+            }
+            Statement::Delete(delete) => {
+                let rows = dml::delete(&self.weir, delete, params.as_ref(), text).await?;
+                return Ok(Output::Command {
+                    tag: "DELETE".to_string(),
+                    rows: Some(rows),
+                });
+            }
+            _ => {}
+        }
         let plan = prepared
             .plan
             .clone()
@@ -249,13 +274,8 @@ impl Session {
             .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
             .map(|a| a.value(0))
             .unwrap_or(0);
-        let tag = match prepared.kind {
-            Kind::Insert => "INSERT 0",
-            Kind::Update => "UPDATE",
-            _ => "DELETE",
-        };
         Ok(Output::Command {
-            tag: tag.to_string(),
+            tag: "INSERT 0".to_string(),
             rows: Some(rows),
         })
     }
@@ -265,9 +285,8 @@ impl Session {
             .iter()
             .map(|t| ddl::lookup(&self.weir, &t.name))
             .collect::<WeirResult<Vec<_>>>()?;
-        let state = self.weir.inner.ctx.state();
         for store in stores {
-            store.delete_where(&state, &[]).await?;
+            store.truncate().await?;
         }
         Ok(command("TRUNCATE TABLE"))
     }
@@ -299,7 +318,11 @@ impl Session {
                 variable, values, ..
             } => {
                 let name = variable.to_string().to_lowercase();
-                let value = values.iter().map(setting_value).collect::<Vec<_>>().join(", ");
+                let value = values
+                    .iter()
+                    .map(setting_value)
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 (name, value)
             }
             Set::SetTimeZone { value, .. } => ("timezone".to_string(), setting_value(value)),
@@ -474,7 +497,6 @@ impl Weir {
             param_types,
         })
     }
-
 }
 
 fn aborted_block() -> WeirError {

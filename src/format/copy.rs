@@ -155,10 +155,18 @@ fn decode_text(
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(ncols);
     for (field, values) in schema.fields().iter().zip(columns) {
         let strings: ArrayRef = Arc::new(StringArray::from(values));
-        arrays.push(cast_column(&strings, field.data_type(), field.name(), &line_numbers)?);
+        arrays.push(cast_column(
+            &strings,
+            field.data_type(),
+            field.name(),
+            &line_numbers,
+        )?);
     }
     RecordBatch::try_new(schema, arrays).map_err(|e| {
-        WeirError::new(SqlState::NOT_NULL_VIOLATION, format!("invalid COPY data: {e}"))
+        WeirError::new(
+            SqlState::NOT_NULL_VIOLATION,
+            format!("invalid COPY data: {e}"),
+        )
     })
 }
 
@@ -182,9 +190,8 @@ fn cast_column(
                 format_options: FormatOptions::default(),
             };
             let converted = cast_with_options(strings, to, &lenient).ok();
-            let bad_row = converted.and_then(|c| {
-                (0..strings.len()).find(|&i| !strings.is_null(i) && c.is_null(i))
-            });
+            let bad_row = converted
+                .and_then(|c| (0..strings.len()).find(|&i| !strings.is_null(i) && c.is_null(i)));
             let (line, value) = match bad_row {
                 Some(row) => (
                     line_numbers.get(row).copied().unwrap_or(row + 1),

@@ -44,7 +44,10 @@ pub fn classify(statement: &Statement) -> WeirResult<Kind> {
         } => {
             // DataFusion applies UPDATE/DELETE while building their physical
             // plan, so explaining one would run it.
-            if matches!(inner.as_ref(), Statement::Update { .. } | Statement::Delete(_)) {
+            if matches!(
+                inner.as_ref(),
+                Statement::Update { .. } | Statement::Delete(_)
+            ) {
                 return Err(WeirError::unsupported(
                     "EXPLAIN of UPDATE or DELETE is not supported",
                     "EXPLAIN the equivalent SELECT ... WHERE to see how rows are found",

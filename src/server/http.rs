@@ -33,7 +33,10 @@ async fn metrics(State(weir): State<Weir>) -> impl IntoResponse {
     let m = weir.metrics();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
     metric(
         "weir_connections_total",
@@ -59,8 +62,5 @@ async fn metrics(State(weir): State<Weir>) -> impl IntoResponse {
         "statements that ended in an error since start",
         m.errors_total.load(Ordering::Relaxed),
     );
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        out,
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -101,7 +101,9 @@ impl RunningServer {
     pub async fn shutdown(self) {
         match tokio::time::timeout(SHUTDOWN_GRACE, self.gate.write()).await {
             Ok(_guard) => tracing::info!("in-flight statements finished"),
-            Err(_) => tracing::warn!("statements still running after the grace period; stopping anyway"),
+            Err(_) => {
+                tracing::warn!("statements still running after the grace period; stopping anyway")
+            }
         }
         self.pg_task.abort();
         self.http_task.abort();

@@ -13,7 +13,8 @@ use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use futures::{Sink, SinkExt, StreamExt, stream};
+use datafusion::physical_plan::memory::MemoryStream;
+use futures::{Sink, SinkExt, Stream, StreamExt, TryStreamExt, stream};
 use pgwire::api::auth::StartupHandler;
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
@@ -25,11 +26,13 @@ use pgwire::api::results::{FieldFormat, FieldInfo, QueryResponse, Response, Tag}
 use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
-    ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type,
+    ClientInfo, ClientPortalStore, ConnectionHandle, ConnectionManager, ErrorHandler,
+    PgWireServerHandlers, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
+use pgwire::messages::data::DataRow;
 use pgwire::messages::response::{CommandComplete, NoticeResponse};
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::types::format::FormatOptions;
@@ -37,9 +40,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, RwLock};
 
 use super::TaskHandle;
-use crate::format::pgtext::floats_as_pg_text;
-use crate::plan::from_datafusion;
 use crate::engine::{Output, Prepared, Session, Weir};
+use crate::format::pgtext::{needs_pg_text, to_pg_text};
+use crate::plan::from_datafusion;
 use crate::types::{SqlState, WeirError};
 
 /// Starts the accept loop; each connection runs in its own task, aborted
@@ -141,7 +144,10 @@ impl NoopStartupHandler for Startup {
         // Later ParameterStatus values replace pgwire's defaults.
         let version = crate::engine::PG_VERSION;
         for (name, value) in [
-            ("server_version", format!("{version} (Weir {})", env!("CARGO_PKG_VERSION"))),
+            (
+                "server_version",
+                format!("{version} (Weir {})", env!("CARGO_PKG_VERSION")),
+            ),
             ("DateStyle", "ISO, MDY".to_string()),
             ("TimeZone", "UTC".to_string()),
         ] {
@@ -179,7 +185,11 @@ pub(crate) fn to_pg_error(e: WeirError) -> PgWireError {
     if e.is_internal() {
         tracing::error!(error = %e, "internal error");
     }
-    let mut info = ErrorInfo::new("ERROR".to_string(), e.sqlstate.code().to_string(), e.message);
+    let mut info = ErrorInfo::new(
+        "ERROR".to_string(),
+        e.sqlstate.code().to_string(),
+        e.message,
+    );
     info.detail = e.detail;
     info.hint = e.hint;
     info.position = e.position.map(|p| p.to_string());
@@ -216,25 +226,33 @@ where
             let fields = Arc::new(arrow_schema_to_pg_fields(&schema, format, Some(options))?);
             let sql = sql.to_string();
             let row_fields = fields.clone();
-            let text_floats: Vec<usize> = fields
+            let text_columns: Vec<usize> = fields
                 .iter()
                 .enumerate()
                 .filter(|(i, f)| {
-                    f.format() == FieldFormat::Text
-                        && matches!(schema.field(*i).data_type(), DataType::Float32 | DataType::Float64)
+                    f.format() == FieldFormat::Text && needs_pg_text(schema.field(*i).data_type())
                 })
                 .map(|(i, _)| i)
                 .collect();
             let rows = stream
                 .map(move |batch| {
-                    let rows: Box<dyn Iterator<Item = PgWireResult<_>> + Send + Sync> = match batch {
-                        Ok(batch) => encode_recordbatch(row_fields.clone(), pg_text_floats(batch, &text_floats)),
-                        Err(e) => Box::new(std::iter::once(Err(to_pg_error(from_datafusion(e, &sql))))),
+                    let rows: Box<dyn Iterator<Item = PgWireResult<_>> + Send + Sync> = match batch
+                    {
+                        Ok(batch) => {
+                            encode_recordbatch(row_fields.clone(), pg_text(batch, &text_columns))
+                        }
+                        Err(e) => {
+                            Box::new(std::iter::once(Err(to_pg_error(from_datafusion(e, &sql)))))
+                        }
                     };
                     stream::iter(rows)
                 })
                 .flatten();
-            Response::Query(QueryResponse::new(fields, rows))
+            let handle = client
+                .session_extensions()
+                .get::<Arc<ConnectionHandle>>()
+                .map(|h| h.as_ref().clone());
+            Response::Query(QueryResponse::new(fields, cancellable(rows, handle)))
         }
         Output::Command { tag, rows } => {
             let tag = match (tag.strip_suffix(" 0"), rows) {
@@ -249,14 +267,18 @@ where
             if let Some(notice) = notice {
                 let info = ErrorInfo::new("WARNING".to_string(), "01000".to_string(), notice);
                 client
-                    .feed(PgWireBackendMessage::NoticeResponse(NoticeResponse::from(info)))
+                    .feed(PgWireBackendMessage::NoticeResponse(NoticeResponse::from(
+                        info,
+                    )))
                     .await?;
             }
             Response::TransactionEnd(Tag::new(&tag))
         }
         Output::SettingChanged { name, value } => {
             client
-                .feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(name, value)))
+                .feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
+                    name, value,
+                )))
                 .await?;
             Response::Execution(Tag::new("SET"))
         }
@@ -266,19 +288,66 @@ where
     })
 }
 
-/// Text-format float columns get PostgreSQL's spelling (see `format::pgtext`);
-/// arrow-pg then sends the text as is under the float type.
-fn pg_text_floats(batch: RecordBatch, columns: &[usize]) -> RecordBatch {
+/// Text-format columns whose Arrow spelling differs from PostgreSQL's (floats,
+/// timestamps) are turned into PostgreSQL's text (see `format::pgtext`);
+/// arrow-pg then sends that text as is, under the column's own type.
+fn pg_text(batch: RecordBatch, columns: &[usize]) -> RecordBatch {
     if columns.is_empty() {
         return batch;
     }
     let mut arrays = batch.columns().to_vec();
-    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     for &i in columns {
-        arrays[i] = floats_as_pg_text(&arrays[i]);
+        arrays[i] = to_pg_text(&arrays[i]);
         fields[i] = Field::new(fields[i].name(), DataType::Utf8, true);
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap_or(batch)
+}
+
+/// Rows are produced while pgwire sends them, after `do_query` returned and
+/// pgwire stopped listening for a cancel request; this listens instead and
+/// ends the stream with 57014 when the client cancels.
+fn cancellable<S>(
+    rows: S,
+    handle: Option<Arc<ConnectionHandle>>,
+) -> impl Stream<Item = PgWireResult<DataRow>> + Send + 'static
+where
+    S: Stream<Item = PgWireResult<DataRow>> + Send + 'static,
+{
+    let cancelled = async move {
+        if let Some(handle) = handle {
+            // A fresh sender: pgwire's own (for do_query) is spent by now. An
+            // Err means the next statement replaced it: not a cancel.
+            if handle.start_query().await.await.is_ok() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    stream::unfold(
+        (Box::pin(rows), Box::pin(cancelled), false),
+        |(mut rows, mut cancelled, done)| async move {
+            if done {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => {
+                    let error = WeirError::new(
+                        SqlState::QUERY_CANCELED,
+                        "canceling statement due to user request",
+                    );
+                    Some((Err(to_pg_error(error)), (rows, cancelled, true)))
+                }
+                item = rows.next() => item.map(|item| (item, (rows, cancelled, false))),
+            }
+        },
+    )
 }
 
 #[async_trait]
@@ -304,10 +373,20 @@ impl SimpleQueryHandler for Service {
             return Ok(vec![Response::EmptyQuery]);
         }
         let mut responses = Vec::with_capacity(statements.len());
-        for statement in statements {
+        let last = statements.len() - 1;
+        for (index, statement) in statements.into_iter().enumerate() {
             let result = match session.prepare(statement, query).await {
                 Ok(prepared) => session.execute(&prepared, None).await,
                 Err(e) => Err(e),
+            };
+            // Rows are streamed while pgwire sends them, after this loop; a
+            // statement followed by others must finish (or fail) before the
+            // next one runs.
+            let result = match result {
+                Ok(Output::Rows { schema, stream }) if index < last => collect_rows(schema, stream)
+                    .await
+                    .map_err(|e| from_datafusion(e, query)),
+                other => other,
             };
             match result {
                 Ok(output) => {
@@ -326,6 +405,19 @@ impl SimpleQueryHandler for Service {
         }
         Ok(responses)
     }
+}
+
+/// Runs a row stream to completion and keeps its batches.
+async fn collect_rows(
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    stream: datafusion::execution::SendableRecordBatchStream,
+) -> datafusion::error::Result<Output> {
+    let batches: Vec<RecordBatch> = stream.try_collect().await?;
+    let stream = MemoryStream::try_new(batches, schema.clone(), None)?;
+    Ok(Output::Rows {
+        schema,
+        stream: Box::pin(stream),
+    })
 }
 
 /// The extended protocol's parsed statement: None for an empty query.
@@ -379,7 +471,11 @@ impl QueryParser for Parser {
         let Some(prepared) = &stmt.0 else {
             return Ok(Vec::new());
         };
-        arrow_schema_to_pg_fields(&prepared.schema, format.unwrap_or(&Format::UnifiedText), None)
+        arrow_schema_to_pg_fields(
+            &prepared.schema,
+            format.unwrap_or(&Format::UnifiedText),
+            None,
+        )
     }
 }
 
@@ -471,7 +567,9 @@ impl ExtendedQueryHandler for Service {
             let wire_refs: Vec<Option<&Type>> = wire.iter().map(Some).collect();
             let inferred: Vec<Option<&datafusion::arrow::datatypes::DataType>> =
                 prepared.param_types.iter().map(Option::as_ref).collect();
-            Some(deserialize_parameters_with_server_types(portal, &inferred, &wire_refs)?)
+            Some(deserialize_parameters_with_server_types(
+                portal, &inferred, &wire_refs,
+            )?)
         };
         let shared = self.session(client);
         let mut session = shared.lock().await;
@@ -509,15 +607,12 @@ impl CopyHandler for Service {
     {
         let _running = self.gate.read().await;
         let shared = self.session(client);
-        let rows = shared
-            .lock()
-            .await
-            .copy_done()
-            .await
-            .map_err(to_pg_error)?;
+        let rows = shared.lock().await.copy_done().await.map_err(to_pg_error)?;
         let tag = Tag::new("COPY").with_rows(rows as usize);
         client
-            .send(PgWireBackendMessage::CommandComplete(CommandComplete::from(tag)))
+            .send(PgWireBackendMessage::CommandComplete(
+                CommandComplete::from(tag),
+            ))
             .await?;
         Ok(())
     }

@@ -34,6 +34,7 @@ impl SqlParser {
         // The plain parse keeps token positions, so syntax errors can point at
         // the offending character; the compatibility parse then rewrites.
         let statements = match Parser::parse_sql(&PostgreSqlDialect {}, text) {
+            Ok(plain) if !is_catalog_query(text) => plain,
             Ok(plain) => self
                 .compat
                 .parse(text)
@@ -47,6 +48,31 @@ impl SqlParser {
         };
         Ok(statements.into_iter().map(rewrite::rewrite).collect())
     }
+}
+
+/// Whether `text` looks like a client's catalog query. Only those go through
+/// the compatibility rewrites: some of them (for example replacing subqueries
+/// in a projection by NULL) keep psql and drivers working but would change
+/// the answers of ordinary queries.
+fn is_catalog_query(text: &str) -> bool {
+    const MARKERS: &[&str] = &[
+        "pg_",
+        "information_schema",
+        "::reg",
+        "current_schema",
+        "current_user",
+        "session_user",
+        "current_database",
+        "format_type",
+        "has_table_privilege",
+        "has_schema_privilege",
+        "has_database_privilege",
+        "quote_ident",
+        "collate",
+        "operator(",
+    ];
+    let lower = text.to_ascii_lowercase();
+    MARKERS.iter().any(|m| lower.contains(m))
 }
 
 /// Builds a 42601 error from sqlparser's message, with the 1-based character

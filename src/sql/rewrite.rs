@@ -4,8 +4,8 @@
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments, GroupByExpr, Ident,
-    ObjectName, SelectItem, SetExpr, Statement, VisitMut, VisitorMut,
+    Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments,
+    GroupByExpr, Ident, ObjectName, SelectItem, SetExpr, Statement, VisitMut, VisitorMut,
 };
 
 /// Applies every rule to `statement`.
@@ -43,7 +43,10 @@ impl VisitorMut for ArraySubquery {
         else {
             return ControlFlow::Continue(());
         };
-        if query.order_by.is_some() || query.limit_clause.is_some() || !matches!(&select.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty()) {
+        if query.order_by.is_some()
+            || query.limit_clause.is_some()
+            || !matches!(&select.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty())
+        {
             return ControlFlow::Continue(());
         }
         let aggregate = Expr::Function(Function {

@@ -113,8 +113,8 @@ impl ZSetState {
         };
         let mut added = HashSet::new();
         for (row, key) in index.encode(inserts)?.into_iter().enumerate() {
-            let taken = (index.keys.contains(&key) && !removed.contains(&key))
-                || !added.insert(key);
+            let taken =
+                (index.keys.contains(&key) && !removed.contains(&key)) || !added.insert(key);
             if taken {
                 return Err(index.duplicate_error(&self.schema, inserts, row));
             }

@@ -64,9 +64,7 @@ impl ChangeBatch {
             .column(idx)
             .as_any()
             .downcast_ref::<Int64Array>()
-            .ok_or_else(|| {
-                WeirError::new(SqlState::DATA_CORRUPTED, "weight column is not bigint")
-            })?
+            .ok_or_else(|| WeirError::new(SqlState::DATA_CORRUPTED, "weight column is not bigint"))?
             .clone();
         if weights.null_count() > 0 {
             return Err(WeirError::new(

@@ -74,9 +74,8 @@ impl WeirError {
 
     /// A Weir bug: something that must not happen whatever the input.
     pub fn internal(message: impl Into<String>) -> Self {
-        WeirError::new(SqlState::INTERNAL_ERROR, message).with_hint(
-            "this is a bug in Weir; please report it with the statement that caused it",
-        )
+        WeirError::new(SqlState::INTERNAL_ERROR, message)
+            .with_hint("this is a bug in Weir; please report it with the statement that caused it")
     }
 
     /// Something Weir does not do; `instead` says what to use instead.

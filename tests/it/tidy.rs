@@ -68,12 +68,20 @@ fn module_dependencies_match_the_architecture_doc() {
                     .take_while(|c| c.is_alphanumeric() || *c == '_')
                     .collect();
                 if !name.is_empty() && name != module && !allowed.contains(&name) {
-                    violations.push(format!("{}:{}: `{module}` uses `{name}`", rel.display(), n + 1));
+                    violations.push(format!(
+                        "{}:{}: `{module}` uses `{name}`",
+                        rel.display(),
+                        n + 1
+                    ));
                 }
             }
         }
     }
-    assert!(violations.is_empty(), "undocumented module dependencies:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "undocumented module dependencies:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[test]
@@ -91,7 +99,11 @@ fn every_source_file_opens_with_a_module_doc() {
         })
         .map(|f| f.display().to_string())
         .collect();
-    assert!(missing.is_empty(), "files without a //! header:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "files without a //! header:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]
@@ -115,5 +127,8 @@ fn life_of_a_statement_names_exist() {
         assert!(defined, "src/lib.rs names `{path}`, which no longer exists");
         checked += 1;
     }
-    assert!(checked >= 8, "expected the walk to name real types, found {checked}");
+    assert!(
+        checked >= 8,
+        "expected the walk to name real types, found {checked}"
+    );
 }

@@ -1,0 +1,13 @@
+//! Weir's one integration-test binary (every extra test target would link DataFusion again).
+//!
+//! `harness` holds the shared machinery; each other module tests one surface of the server.
+
+mod cli;
+mod docs;
+mod durability;
+mod harness;
+mod log;
+mod protocol;
+mod psql;
+mod slt;
+mod tidy;
