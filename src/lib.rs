@@ -21,13 +21,20 @@
 //!    [`plan::from_datafusion`] to its SQLSTATE.
 //!
 //! ## An `INSERT`, `UPDATE` or `DELETE`
-//! 1. Steps 1–3 above; DataFusion plans a DML node targeting a `WeirTable`.
-//! 2. The table computes a [`types::ChangeBatch`] (rows with ±1 weights),
-//!    [`state::ZSetState::check`]s it (primary key, NOT NULL), encodes it with
-//!    [`format::ipc::encode_change`] and appends it to the table's
-//!    [`queue::Log`] with `append_durable` (fsync, group commit).
-//! 3. Only then is the change applied to memory and the command tag returned.
-//!    On start, [`engine::Weir::open`] replays each log into memory.
+//! 1. Steps 1–3 above; DataFusion plans the statement (checking names and
+//!    types, inferring `$n` parameter types).
+//! 2. `INSERT`: DataFusion runs the plan into the table's sink, which hands
+//!    the rows to [`engine::TableStore::insert`]. `UPDATE`/`DELETE`: the
+//!    engine takes the table's writer lock and runs a DataFusion `SELECT` of
+//!    the affected rows (and new values), so any `WHERE` DataFusion plans
+//!    works.
+//! 3. Either way the result is one [`types::ChangeBatch`] (rows with ±1
+//!    weights) passed to [`engine::TableStore::write`]: it is
+//!    [`state::ZSetState::check`]ed (primary key, NOT NULL), encoded with
+//!    [`format::ipc::encode_change`], appended to the table's [`queue::Log`]
+//!    with `append_durable` (fsync, group commit), and only then applied to
+//!    memory and acknowledged. On start, [`engine::Weir::open`] replays each
+//!    log into memory.
 //!
 //! `CREATE MATERIALIZED VIEW` and the broker → source → window → Parquet path
 //! join this walk with the streaming runtime (`stream`) and connectors.
