@@ -23,6 +23,8 @@ const CATALOG_FILE: &str = "catalog.json";
 #[serde(rename_all = "snake_case")]
 pub enum RelationKind {
     Table,
+    Topic,
+    Subscription,
 }
 
 impl RelationKind {
@@ -30,6 +32,8 @@ impl RelationKind {
     pub fn noun(&self) -> &'static str {
         match self {
             RelationKind::Table => "table",
+            RelationKind::Topic => "topic",
+            RelationKind::Subscription => "subscription",
         }
     }
 }

@@ -121,7 +121,7 @@ pub(super) async fn create_table(weir: &Weir, sql: &str, stmt: &Statement) -> We
 
 /// Opens (creating if new) a table's log, replays it, registers the table.
 pub(super) async fn open_table(weir: &Weir, relation: Relation) -> WeirResult<Arc<TableStore>> {
-    let stmts = weir.inner.parser.parse(&relation.sql)?;
+    let stmts = weir.inner.parser.parse_sql(&relation.sql)?;
     let stmt = stmts
         .first()
         .ok_or_else(|| WeirError::internal(format!("empty definition of {}", relation.name)))?;

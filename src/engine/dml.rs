@@ -70,7 +70,7 @@ async fn select(
     params: Option<&ParamValues>,
     original: &str,
 ) -> WeirResult<Vec<RecordBatch>> {
-    let mut statements = weir.parse(sql)?;
+    let mut statements = weir.inner.parser.parse_sql(sql)?;
     let statement = statements
         .pop()
         .ok_or_else(|| WeirError::internal("empty DML selection"))?;

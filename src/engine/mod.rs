@@ -9,6 +9,7 @@
 mod copy;
 mod ddl;
 mod dml;
+mod queue;
 mod session;
 mod settings;
 mod table;
@@ -28,6 +29,8 @@ use datafusion_pg_catalog::pg_catalog::context::{PgCatalogContextProvider, Role}
 pub use self::session::{Output, Prepared, Session};
 pub use self::table::{TableStore, WeirTable};
 use crate::catalog::{Catalog, RelationKind};
+pub use crate::queue::subscription::Delivery;
+pub use crate::queue::topic::{Message, Published};
 use crate::queue::{LogConfig, LogError};
 use crate::sql::SqlParser;
 use crate::types::{SqlState, WeirError, WeirResult};
@@ -91,6 +94,10 @@ struct Inner {
     parser: SqlParser,
     /// Open tables by name; the same `Arc`s are registered in `ctx`.
     tables: Mutex<HashMap<String, Arc<TableStore>>>,
+    /// Open topics by name (also registered in `ctx` as tables).
+    topics: Mutex<HashMap<String, Arc<crate::queue::topic::Topic>>>,
+    /// Open subscriptions by name.
+    subscriptions: Mutex<HashMap<String, Arc<crate::queue::subscription::Subscription>>>,
     /// Serialises DDL (catalog + registry + files change together). A tokio
     /// mutex: held across log opening on the blocking pool.
     ddl: tokio::sync::Mutex<()>,
@@ -144,6 +151,8 @@ impl Weir {
                 ctx,
                 parser: SqlParser::new(),
                 tables: Mutex::new(HashMap::new()),
+                topics: Mutex::new(HashMap::new()),
+                subscriptions: Mutex::new(HashMap::new()),
                 ddl: tokio::sync::Mutex::new(()),
                 metrics: Metrics::default(),
                 _lock: lock,
@@ -155,8 +164,19 @@ impl Weir {
 
     async fn recover(&self) -> WeirResult<()> {
         let relations = self.inner.catalog.relations();
+        // Topics before subscriptions, which need their topic open.
+        for relation in relations.iter().filter(|r| r.kind == RelationKind::Topic) {
+            queue::open_topic(self, relation.clone()).await?;
+        }
+        for relation in relations
+            .iter()
+            .filter(|r| r.kind == RelationKind::Subscription)
+        {
+            queue::open_subscription(self, relation.clone()).await?;
+        }
         for relation in &relations {
             match relation.kind {
+                RelationKind::Topic | RelationKind::Subscription => {}
                 RelationKind::Table => {
                     let started = std::time::Instant::now();
                     let store = ddl::open_table(self, relation.clone()).await?;
@@ -174,7 +194,7 @@ impl Weir {
     }
 
     /// Splits and parses statement text.
-    pub fn parse(&self, text: &str) -> WeirResult<Vec<datafusion::sql::sqlparser::ast::Statement>> {
+    pub fn parse(&self, text: &str) -> WeirResult<Vec<crate::sql::Statement>> {
         self.inner.parser.parse(text)
     }
 
@@ -202,11 +222,27 @@ impl Weir {
         for table in tables {
             table.sync()?;
         }
+        let topics: Vec<_> = self
+            .inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for topic in topics {
+            topic.sync_all().map_err(queue::queue_error)?;
+        }
         Ok(())
     }
 
     fn lock_tables(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TableStore>>> {
         self.inner.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where a topic's or subscription's files live: `<data>/<kind>/<id>`.
+    fn storage_dir(&self, kind: &str, id: u64) -> PathBuf {
+        self.inner.config.data_dir.join(kind).join(id.to_string())
     }
 
     fn table_dir(&self, id: u64) -> PathBuf {

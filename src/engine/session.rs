@@ -15,16 +15,18 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::sql::sqlparser::ast::{
-    Expr, ObjectType, Set, Statement, TruncateTableTarget, Value, ValueWithSpan,
+    Expr, ObjectType, Set, Statement as SqlStatement, TruncateTableTarget, Value, ValueWithSpan,
 };
 use futures::TryStreamExt;
 
 use super::copy::{self, PendingCopy};
 use super::ddl::{self, df_statement};
 use super::dml;
+use super::queue;
 use super::settings;
 use super::{Weir, version_string};
 use crate::plan::{Kind, classify, from_datafusion, parameter_types, pg_column_names};
+use crate::sql::Statement;
 use crate::types::{SqlState, WeirError, WeirResult};
 
 /// What a statement produced, for the server to put on the wire.
@@ -75,6 +77,8 @@ enum Block {
 /// One client's session.
 pub struct Session {
     weir: Weir,
+    /// This session's consumer id in subscriptions (unique per server run).
+    consumer: String,
     settings: BTreeMap<String, String>,
     block: Block,
     copy: Option<PendingCopy>,
@@ -100,8 +104,11 @@ impl Session {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         m.connections_active
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Session {
             weir,
+            consumer: format!("session-{id}"),
             settings: settings::defaults(),
             block: Block::None,
             copy: None,
@@ -120,10 +127,7 @@ impl Session {
     /// Plans a statement for this session; inside a failed transaction
     /// block only COMMIT/ROLLBACK get through, and a failure fails the block.
     pub async fn prepare(&mut self, statement: Statement, text: &str) -> WeirResult<Prepared> {
-        let ends_block = matches!(
-            statement,
-            Statement::Commit { .. } | Statement::Rollback { .. }
-        );
+        let ends_block = ends_block(&statement);
         if self.block == Block::Failed && !ends_block {
             self.weir.count_statement(true);
             return Err(aborted_block());
@@ -144,10 +148,7 @@ impl Session {
         prepared: &Prepared,
         params: Option<ParamValues>,
     ) -> WeirResult<Output> {
-        let ends_block = matches!(
-            prepared.statement,
-            Statement::Commit { .. } | Statement::Rollback { .. }
-        );
+        let ends_block = ends_block(&prepared.statement);
         if self.block == Block::Failed && !ends_block {
             return Err(aborted_block());
         }
@@ -175,12 +176,16 @@ impl Session {
         }
         let weir = self.weir.clone();
         let text = &prepared.text;
-        match &prepared.statement {
-            Statement::CreateTable(_) => {
-                ddl::create_table(&weir, text, &prepared.statement).await?;
+        let statement = match &prepared.statement {
+            Statement::Weir(w) => return queue::execute(&weir, &self.consumer, w).await,
+            Statement::Sql(s) => s.as_ref(),
+        };
+        match statement {
+            SqlStatement::CreateTable(_) => {
+                ddl::create_table(&weir, text, statement).await?;
                 Ok(command("CREATE TABLE"))
             }
-            Statement::Drop {
+            SqlStatement::Drop {
                 object_type: ObjectType::Table,
                 if_exists,
                 names,
@@ -189,26 +194,26 @@ impl Session {
                 ddl::drop_tables(&weir, names, *if_exists).await?;
                 Ok(command("DROP TABLE"))
             }
-            Statement::Truncate(truncate) => self.truncate(&truncate.table_names).await,
-            Statement::Copy { .. } => {
-                let pending = copy::start(&weir, &prepared.statement)?;
+            SqlStatement::Truncate(truncate) => self.truncate(&truncate.table_names).await,
+            SqlStatement::Copy { .. } => {
+                let pending = copy::start(&weir, statement)?;
                 let columns = pending.num_columns();
                 let csv = matches!(pending.format, crate::format::copy::CopyFormat::Csv { .. });
                 self.copy = Some(pending);
                 Ok(Output::CopyIn { columns, csv })
             }
-            Statement::StartTransaction { .. } => {
+            SqlStatement::StartTransaction { .. } => {
                 if self.block == Block::None {
                     self.block = Block::Open { writes: 0 };
                 }
                 Ok(Output::TransactionStart)
             }
-            Statement::Commit { .. } => Ok(self.end_block(false)),
-            Statement::Rollback { .. } => Ok(self.end_block(true)),
-            Statement::Set(set) => self.set(set),
-            Statement::ShowVariable { .. } => self.show(prepared),
-            Statement::Discard { .. } => Ok(command("DISCARD ALL")),
-            Statement::Deallocate { .. } => Ok(command("DEALLOCATE")),
+            SqlStatement::Commit { .. } => Ok(self.end_block(false)),
+            SqlStatement::Rollback { .. } => Ok(self.end_block(true)),
+            SqlStatement::Set(set) => self.set(set),
+            SqlStatement::ShowVariable { .. } => self.show(prepared),
+            SqlStatement::Discard { .. } => Ok(command("DISCARD ALL")),
+            SqlStatement::Deallocate { .. } => Ok(command("DEALLOCATE")),
             other => Err(unsupported_statement(other)),
         }
     }
@@ -221,15 +226,21 @@ impl Session {
         let text = &prepared.text;
         // UPDATE/DELETE were planned by DataFusion to check them and infer
         // parameter types; they run as a SELECT plus one change (see dml.rs).
-        match &prepared.statement {
-            Statement::Update(update) => {
+        let sql = match &prepared.statement {
+            Statement::Sql(sql) => sql.as_ref(),
+            Statement::Weir(_) => {
+                return Err(WeirError::internal("Weir statement planned by DataFusion"));
+            }
+        };
+        match sql {
+            SqlStatement::Update(update) => {
                 let rows = dml::update(&self.weir, update, params.as_ref(), text).await?;
                 return Ok(Output::Command {
                     tag: "UPDATE".to_string(),
                     rows: Some(rows),
                 });
             }
-            Statement::Delete(delete) => {
+            SqlStatement::Delete(delete) => {
                 let rows = dml::delete(&self.weir, delete, params.as_ref(), text).await?;
                 return Ok(Output::Command {
                     tag: "DELETE".to_string(),
@@ -434,10 +445,23 @@ impl Session {
 impl Weir {
     /// Plans a statement (DataFusion statements) or classifies it (Weir's own).
     pub async fn prepare(&self, statement: Statement, text: &str) -> WeirResult<Prepared> {
-        let kind = classify(&statement)?;
+        let sql = match &statement {
+            Statement::Sql(sql) => sql.as_ref(),
+            Statement::Weir(weir_statement) => {
+                return Ok(Prepared {
+                    schema: queue::result_schema(weir_statement),
+                    statement,
+                    text: text.to_string(),
+                    kind: Kind::Utility,
+                    plan: None,
+                    param_types: Vec::new(),
+                });
+            }
+        };
+        let kind = classify(sql)?;
         if kind == Kind::Utility {
-            let schema = match &statement {
-                Statement::ShowVariable { variable } => {
+            let schema = match sql {
+                SqlStatement::ShowVariable { variable } => {
                     let name = variable
                         .iter()
                         .map(|i| i.value.to_lowercase())
@@ -465,12 +489,12 @@ impl Weir {
         }
         let state = self.inner.ctx.state();
         let plan = state
-            .statement_to_plan(df_statement(&statement))
+            .statement_to_plan(df_statement(sql))
             .await
             .map_err(|e| from_datafusion(e, text))?;
         let schema = if kind == Kind::Query {
             let planned = plan.schema().as_arrow().clone();
-            match pg_column_names(&statement, planned.fields().len()) {
+            match pg_column_names(sql, planned.fields().len()) {
                 Some(names) => Arc::new(Schema::new(
                     planned
                         .fields()
@@ -497,6 +521,11 @@ impl Weir {
             param_types,
         })
     }
+}
+
+/// COMMIT and ROLLBACK end a transaction block (and get through a failed one).
+fn ends_block(statement: &Statement) -> bool {
+    matches!(statement, Statement::Sql(s) if matches!(**s, SqlStatement::Commit { .. } | SqlStatement::Rollback { .. }))
 }
 
 fn aborted_block() -> WeirError {
@@ -526,7 +555,7 @@ fn setting_value(expr: &Expr) -> String {
     }
 }
 
-fn unsupported_statement(stmt: &Statement) -> WeirError {
+fn unsupported_statement(stmt: &SqlStatement) -> WeirError {
     let text = stmt.to_string();
     let words: Vec<&str> = text.split_whitespace().take(2).collect();
     let head = words.join(" ").to_uppercase();

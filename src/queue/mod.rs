@@ -9,6 +9,11 @@
 //! - `log.rs`: [`Log`] itself: appends with dense offsets, group commit ([`Log::sync_to`]: one
 //!   fsync serves every caller waiting behind it, without blocking appenders), torn-tail
 //!   recovery on open, reads by offset, retention by whole segments.
+//! - `topic.rs`: [`Topic`]: partitions (one log each), routing by key, durable publish,
+//!   retention policy, waiting for new messages; [`QueueError`].
+//! - `subscription.rs`: [`Subscription`]: consumer groups in stream mode (committed offsets,
+//!   partitions shared among live consumers) or queue mode (leases, ack/nack, redelivery,
+//!   dead letters), with their own state log.
 //! - `segment.rs`: one segment file: the frame format (documented there), checksums, recovery
 //!   scan and the sparse offset index.
 //!
@@ -23,5 +28,11 @@
 
 mod log;
 mod segment;
+pub mod subscription;
+pub mod topic;
 
 pub use self::log::{Log, LogConfig, LogError, NewRecord, Record, SegmentInfo};
+pub use self::subscription::{
+    Delivery, StartPosition, Subscription, SubscriptionConfig, SubscriptionMode, SubscriptionStats,
+};
+pub use self::topic::{Message, Published, QueueError, Topic, TopicConfig, TopicStats};

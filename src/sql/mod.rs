@@ -6,14 +6,35 @@
 //! DataFusion plans. Weir's own statements (topics, sources, ...) join here as
 //! they arrive. This module never plans or executes anything.
 
-use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
 use crate::types::{SqlState, WeirError, WeirResult};
 
 mod rewrite;
+mod weir;
+
+pub use weir::{Options, SeekTarget, WeirStatement, parse_bytes, parse_duration_ms};
+
+/// One parsed statement: PostgreSQL's grammar (sqlparser) or Weir's own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Statement {
+    /// Boxed: sqlparser's statement is tens of times larger than Weir's.
+    Sql(Box<ast::Statement>),
+    Weir(WeirStatement),
+}
+
+impl std::fmt::Display for Statement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Statement::Sql(s) => write!(f, "{s}"),
+            Statement::Weir(w) => write!(f, "{w}"),
+        }
+    }
+}
 
 /// Parses statement text into statements, shared by all sessions.
 #[derive(Debug, Default)]
@@ -31,6 +52,31 @@ impl SqlParser {
     /// Parses `text` (one or more `;`-separated statements). An empty or
     /// all-whitespace text gives no statements.
     pub fn parse(&self, text: &str) -> WeirResult<Vec<Statement>> {
+        let chunks = split_statements(text);
+        if !chunks.iter().any(|c| weir::is_weir_statement(c)) {
+            return Ok(self
+                .parse_sql(text)?
+                .into_iter()
+                .map(|s| Statement::Sql(Box::new(s)))
+                .collect());
+        }
+        let mut statements = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            if weir::is_weir_statement(chunk) {
+                statements.push(Statement::Weir(weir::parse_weir(chunk)?));
+            } else {
+                statements.extend(
+                    self.parse_sql(chunk)?
+                        .into_iter()
+                        .map(|s| Statement::Sql(Box::new(s))),
+                );
+            }
+        }
+        Ok(statements)
+    }
+
+    /// Parses PostgreSQL-grammar text with sqlparser.
+    pub fn parse_sql(&self, text: &str) -> WeirResult<Vec<ast::Statement>> {
         // The plain parse keeps token positions, so syntax errors can point at
         // the offending character; the compatibility parse then rewrites.
         let statements = match Parser::parse_sql(&PostgreSqlDialect {}, text) {
@@ -48,6 +94,47 @@ impl SqlParser {
         };
         Ok(statements.into_iter().map(rewrite::rewrite).collect())
     }
+}
+
+/// Splits text at top-level `;` (not inside strings, identifiers or
+/// comments), dropping empty pieces. Text that does not tokenize is one piece
+/// (the parser then reports the error).
+fn split_statements(text: &str) -> Vec<&str> {
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, text).tokenize_with_location() else {
+        return vec![text];
+    };
+    // Byte offset of each line start, to turn (line, column) into a byte index.
+    let mut line_starts = vec![0usize];
+    line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+    let byte_at = |line: u64, column: u64| -> Option<usize> {
+        let start = *line_starts.get((line as usize).checked_sub(1)?)?;
+        let rest = &text[start..];
+        let chars = (column as usize).checked_sub(1)?;
+        Some(
+            start
+                + rest
+                    .char_indices()
+                    .nth(chars)
+                    .map(|(i, _)| i)
+                    .unwrap_or(rest.len()),
+        )
+    };
+    let mut pieces = Vec::new();
+    let mut begin = 0;
+    for token in &tokens {
+        if token.token == Token::SemiColon {
+            let Some(at) = byte_at(token.span.start.line, token.span.start.column) else {
+                return vec![text];
+            };
+            pieces.push(&text[begin..at]);
+            begin = at + 1;
+        }
+    }
+    pieces.push(&text[begin.min(text.len())..]);
+    pieces
+        .into_iter()
+        .filter(|p| !p.trim().is_empty())
+        .collect()
 }
 
 /// Whether `text` looks like a client's catalog query. Only those go through

@@ -340,11 +340,32 @@ pub async fn psql(addr: SocketAddr, args: &[&str]) -> PsqlOutput {
 
 /// Sends `GET path` over HTTP/1.1 and returns the status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// POSTs `body` with `content_type` and returns (status, body).
+pub async fn http_post(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, String) {
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http_request(addr, &request).await
+}
+
+async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
     let response = within("an HTTP response", async {
         let mut stream = TcpStream::connect(addr)
             .await
             .expect("connect to the HTTP port");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
