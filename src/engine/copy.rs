@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, new_null_array};
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::sql::sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement,
 };
@@ -17,11 +17,23 @@ use super::table::{TableStore, nullable};
 use crate::format::copy::{CopyFormat, decode_copy};
 use crate::types::{SqlState, WeirError, WeirResult};
 
+/// What a COPY loads into.
+#[derive(Debug)]
+enum Target {
+    Table(Arc<TableStore>),
+    /// A topic: each row is one message (`key`, `payload`, `headers`).
+    Topic(String),
+}
+
+/// The columns a COPY into a topic may name, in the order of `Target::Topic` rows.
+const TOPIC_COLUMNS: [&str; 3] = ["key", "payload", "headers"];
+
 /// A COPY waiting for its data.
 #[derive(Debug)]
 pub struct PendingCopy {
-    table: Arc<TableStore>,
-    /// Indices (into the table's columns) of the columns the data carries.
+    target: Target,
+    /// Indices (into the table's columns, or [`TOPIC_COLUMNS`]) of the
+    /// columns the data carries.
     columns: Vec<usize>,
     pub format: CopyFormat,
     pub data: Vec<u8>,
@@ -73,10 +85,32 @@ pub(super) fn start(weir: &Weir, stmt: &Statement) -> WeirResult<PendingCopy> {
             "name a table: COPY t FROM STDIN",
         ));
     };
-    let table = lookup(weir, table_name)?;
-    let schema = table.schema();
+    let topic_name = normalise(table_name);
+    let (target, names): (Target, Vec<String>) = match lookup(weir, table_name) {
+        Ok(table) => {
+            let names = table
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            (Target::Table(table), names)
+        }
+        Err(not_a_table) => match weir.topic_exists(&topic_name) {
+            true => (
+                Target::Topic(topic_name.clone()),
+                TOPIC_COLUMNS.iter().map(|c| c.to_string()).collect(),
+            ),
+            false => return Err(not_a_table),
+        },
+    };
+    let relation = table_name.to_string();
     let columns = if columns.is_empty() {
-        (0..schema.fields().len()).collect()
+        match target {
+            // One message per line: the payload.
+            Target::Topic(_) => vec![1],
+            Target::Table(_) => (0..names.len()).collect(),
+        }
     } else {
         columns
             .iter()
@@ -84,13 +118,10 @@ pub(super) fn start(weir: &Weir, stmt: &Statement) -> WeirResult<PendingCopy> {
                 let name = normalise(&datafusion::sql::sqlparser::ast::ObjectName::from(vec![
                     c.clone(),
                 ]));
-                schema.index_of(&name).map_err(|_| {
+                names.iter().position(|n| *n == name).ok_or_else(|| {
                     WeirError::new(
                         SqlState::UNDEFINED_COLUMN,
-                        format!(
-                            "column \"{name}\" of relation \"{}\" does not exist",
-                            table.relation.name
-                        ),
+                        format!("column \"{name}\" of relation \"{relation}\" does not exist"),
                     )
                 })
             })
@@ -98,7 +129,7 @@ pub(super) fn start(weir: &Weir, stmt: &Statement) -> WeirResult<PendingCopy> {
     };
     let format = parse_format(options, legacy_options)?;
     Ok(PendingCopy {
-        table,
+        target,
         columns,
         format,
         data: Vec::new(),
@@ -200,8 +231,8 @@ fn ascii(c: char) -> WeirResult<u8> {
     })
 }
 
-/// Decodes the collected data and inserts it; returns the row count.
-pub(super) async fn finish(copy: PendingCopy, limit_bytes: usize) -> WeirResult<u64> {
+/// Decodes the collected data and inserts (or publishes) it; returns the row count.
+pub(super) async fn finish(weir: &Weir, copy: PendingCopy, limit_bytes: usize) -> WeirResult<u64> {
     if copy.overflowed {
         return Err(WeirError::new(
             SqlState::PROGRAM_LIMIT_EXCEEDED,
@@ -209,7 +240,15 @@ pub(super) async fn finish(copy: PendingCopy, limit_bytes: usize) -> WeirResult<
         )
         .with_hint("split the data into several COPY statements; nothing was loaded"));
     }
-    let table_schema = copy.table.schema();
+    let table_schema: SchemaRef = match &copy.target {
+        Target::Table(table) => table.schema(),
+        Target::Topic(_) => Arc::new(Schema::new(
+            TOPIC_COLUMNS
+                .iter()
+                .map(|c| Field::new(*c, DataType::Utf8, true))
+                .collect::<Vec<_>>(),
+        )),
+    };
     // Decode only the named columns (nullable: NOT NULL is checked on insert
     // with a proper error), then fill the others with NULLs.
     let decode_schema: SchemaRef = Arc::new(Schema::new(
@@ -239,5 +278,13 @@ pub(super) async fn finish(copy: PendingCopy, limit_bytes: usize) -> WeirResult<
     if batch.num_rows() == 0 {
         return Ok(0);
     }
-    copy.table.insert(batch).await
+    match copy.target {
+        Target::Table(table) => table.insert(batch).await,
+        Target::Topic(topic) => {
+            let messages = super::queue::messages_from_batch(&batch)?;
+            let n = messages.len() as u64;
+            weir.publish(&topic, messages).await?;
+            Ok(n)
+        }
+    }
 }

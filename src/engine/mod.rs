@@ -12,6 +12,7 @@ mod dml;
 mod queue;
 mod session;
 mod settings;
+mod system;
 mod table;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use datafusion::scalar::ScalarValue;
 use datafusion_pg_catalog::pg_catalog::context::{PgCatalogContextProvider, Role};
 
 pub use self::session::{Output, Prepared, Session};
+pub use self::system::{SubscriptionPartitionStats, TopicPartitionStats};
 pub use self::table::{TableStore, WeirTable};
 use crate::catalog::{Catalog, RelationKind};
 pub use crate::queue::subscription::Delivery;
@@ -158,6 +160,8 @@ impl Weir {
                 _lock: lock,
             }),
         };
+        weir.register_system_tables()
+            .map_err(|e| WeirError::internal(format!("registering system tables: {e}")))?;
         weir.recover().await?;
         Ok(weir)
     }

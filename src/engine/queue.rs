@@ -206,6 +206,15 @@ fn undefined(kind: &str, name: &str) -> WeirError {
 }
 
 impl Weir {
+    /// Whether a topic of this name is open.
+    pub(super) fn topic_exists(&self, name: &str) -> bool {
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
     fn topic(&self, name: &str) -> WeirResult<Arc<Topic>> {
         self.inner
             .topics
@@ -691,6 +700,25 @@ pub(super) async fn execute(
 }
 
 impl Weir {
+    /// Deletes segments past every topic's retention; returns how many.
+    pub async fn apply_retention(&self) -> WeirResult<usize> {
+        let topics: Vec<Arc<Topic>> = self
+            .inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        blocking(move || {
+            let now = now_ms();
+            topics
+                .iter()
+                .try_fold(0, |n, t| Ok(n + t.apply_retention(now)?))
+        })
+        .await
+    }
+
     /// Publishes durably; one position per message, in order.
     pub async fn publish(&self, topic: &str, messages: Vec<Message>) -> WeirResult<Vec<Published>> {
         let topic = self.topic(topic)?;
@@ -912,6 +940,37 @@ fn string_column(batch: &RecordBatch, name: &str) -> datafusion::error::Result<S
         .unwrap_or_else(|| StringArray::from(Vec::<Option<String>>::new())))
 }
 
+/// Messages from rows with `key`, `payload` and `headers` text columns
+/// (`INSERT INTO topic`, `COPY topic FROM STDIN`).
+pub(super) fn messages_from_batch(batch: &RecordBatch) -> WeirResult<Vec<Message>> {
+    use arrow::array::Array;
+    let column =
+        |name: &str| string_column(batch, name).map_err(|e| WeirError::internal(e.to_string()));
+    let keys = column("key")?;
+    let payloads = column("payload")?;
+    let headers = column("headers")?;
+    let mut messages = Vec::with_capacity(batch.num_rows());
+    for row in 0..batch.num_rows() {
+        if payloads.is_null(row) {
+            return Err(
+                WeirError::new(SqlState::NOT_NULL_VIOLATION, "a message needs a payload")
+                    .with_hint("INSERT INTO topic (key, payload) VALUES ('k', '...')"),
+            );
+        }
+        let headers = if headers.is_null(row) {
+            Vec::new()
+        } else {
+            parse_headers(headers.value(row))?
+        };
+        messages.push(Message {
+            key: (!keys.is_null(row)).then(|| Bytes::from(keys.value(row).to_string())),
+            payload: Bytes::from(payloads.value(row).to_string()),
+            headers,
+        });
+    }
+    Ok(messages)
+}
+
 fn parse_headers(text: &str) -> WeirResult<Vec<(String, Bytes)>> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         WeirError::new(
@@ -950,30 +1009,9 @@ impl DataSink for TopicSink {
     ) -> datafusion::error::Result<u64> {
         let mut messages = Vec::new();
         while let Some(batch) = data.next().await {
-            let batch = batch?;
-            let keys = string_column(&batch, "key")?;
-            let payloads = string_column(&batch, "payload")?;
-            let headers = string_column(&batch, "headers")?;
-            for row in 0..batch.num_rows() {
-                use arrow::array::Array;
-                if payloads.is_null(row) {
-                    return Err(DataFusionError::External(Box::new(
-                        WeirError::new(SqlState::NOT_NULL_VIOLATION, "a message needs a payload")
-                            .with_hint("INSERT INTO topic (key, payload) VALUES ('k', '...')"),
-                    )));
-                }
-                let headers = if headers.is_null(row) {
-                    Vec::new()
-                } else {
-                    parse_headers(headers.value(row))
-                        .map_err(|e| DataFusionError::External(Box::new(e)))?
-                };
-                messages.push(Message {
-                    key: (!keys.is_null(row)).then(|| Bytes::from(keys.value(row).to_string())),
-                    payload: Bytes::from(payloads.value(row).to_string()),
-                    headers,
-                });
-            }
+            messages.extend(
+                messages_from_batch(&batch?).map_err(|e| DataFusionError::External(Box::new(e)))?,
+            );
         }
         let n = messages.len() as u64;
         let topic = self.topic.clone();

@@ -428,7 +428,7 @@ impl Session {
             ));
         };
         let limit = self.weir.inner.config.copy_bytes_max;
-        let result = copy::finish(pending, limit).await;
+        let result = copy::finish(&self.weir, pending, limit).await;
         self.weir.count_statement(result.is_err());
         if result.is_err() && matches!(self.block, Block::Open { .. }) {
             self.block = Block::Failed;

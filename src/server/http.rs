@@ -125,7 +125,90 @@ async fn metrics(State(weir): State<Weir>) -> impl IntoResponse {
         "statements that ended in an error since start",
         m.errors_total.load(Ordering::Relaxed),
     );
+    queue_metrics(&weir, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Per-topic and per-subscription series, labelled like Prometheus expects.
+fn queue_metrics(weir: &Weir, out: &mut String) {
+    let topics = weir.topic_stats();
+    let subs = weir.subscription_stats();
+    let families: [(&str, &str, &str); 7] = [
+        (
+            "weir_topic_messages",
+            "gauge",
+            "retained messages per topic partition",
+        ),
+        ("weir_topic_bytes", "gauge", "retained bytes per topic"),
+        (
+            "weir_topic_next_offset",
+            "gauge",
+            "offset the next message of a partition gets",
+        ),
+        (
+            "weir_subscription_lag",
+            "gauge",
+            "messages not yet committed or acked, per partition",
+        ),
+        (
+            "weir_subscription_in_flight",
+            "gauge",
+            "leased (queue) or fetched but uncommitted (stream) messages",
+        ),
+        (
+            "weir_subscription_redeliveries_total",
+            "counter",
+            "deliveries after the first",
+        ),
+        (
+            "weir_subscription_dead_lettered_total",
+            "counter",
+            "messages moved to the dead-letter topic",
+        ),
+    ];
+    for (name, kind, help) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        match name {
+            "weir_topic_messages" | "weir_topic_next_offset" => {
+                for t in &topics {
+                    let value = if name == "weir_topic_messages" {
+                        t.messages
+                    } else {
+                        t.next_offset
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{topic=\"{}\",partition=\"{}\"}} {value}",
+                        t.topic, t.partition
+                    );
+                }
+            }
+            "weir_topic_bytes" => {
+                for t in topics.iter().filter(|t| t.partition == 0) {
+                    let _ = writeln!(out, "{name}{{topic=\"{}\"}} {}", t.topic, t.topic_bytes);
+                }
+            }
+            "weir_subscription_lag" => {
+                for s in &subs {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{subscription=\"{}\",partition=\"{}\"}} {}",
+                        s.subscription, s.partition, s.lag
+                    );
+                }
+            }
+            _ => {
+                for s in subs.iter().filter(|s| s.partition == 0) {
+                    let value = match name {
+                        "weir_subscription_in_flight" => s.in_flight,
+                        "weir_subscription_redeliveries_total" => s.redeliveries,
+                        _ => s.dead_lettered,
+                    };
+                    let _ = writeln!(out, "{name}{{subscription=\"{}\"}} {value}", s.subscription);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -44,7 +44,12 @@ pub struct RunningServer {
     pg_task: TaskHandle,
     /// The HTTP server task.
     http_task: TaskHandle,
+    /// Applies topic retention every [`RETENTION_INTERVAL`].
+    retention_task: TaskHandle,
 }
+
+/// How often topic retention runs.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(10);
 
 async fn bind(addr: &str, what: &str) -> WeirResult<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -73,6 +78,18 @@ impl RunningServer {
         let gate = Arc::new(tokio::sync::RwLock::new(()));
         let pg_task = pgwire::serve(pg_listener, weir.clone(), gate.clone());
         let http_task = http::serve(http_listener, weir.clone());
+        let retention_weir = weir.clone();
+        let retention_task = TaskHandle::spawn("retention", async move {
+            let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+            loop {
+                tick.tick().await;
+                match retention_weir.apply_retention().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(segments = n, "retention deleted segments"),
+                    Err(e) => tracing::warn!(error = %e, "applying retention failed"),
+                }
+            }
+        });
         tracing::info!(%pg_addr, %http_addr, data_dir = %config.data_dir.display(), "weir is serving");
         Ok(RunningServer {
             weir,
@@ -81,6 +98,7 @@ impl RunningServer {
             gate,
             pg_task,
             http_task,
+            retention_task,
         })
     }
 
@@ -107,6 +125,7 @@ impl RunningServer {
         }
         self.pg_task.abort();
         self.http_task.abort();
+        self.retention_task.abort();
         if let Err(e) = self.weir.sync() {
             tracing::error!(error = %e, "syncing logs at shutdown failed");
         }

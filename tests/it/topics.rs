@@ -343,3 +343,90 @@ async fn subscriptions_resume_after_restart() {
     let stop = server.stop().await;
     assert!(stop.success());
 }
+
+#[tokio::test]
+async fn copy_publishes_and_system_tables_report() {
+    use futures::SinkExt;
+
+    let server = TestServer::start().await;
+    let c = server.connect().await;
+    c.batch_execute(
+        "CREATE TOPIC lines WITH (partitions = 2);
+         CREATE SUBSCRIPTION follow ON TOPIC lines",
+    )
+    .await
+    .expect("setup");
+    // One message per line (the payload); with a column list, key and payload.
+    let sink = c.copy_in("COPY lines FROM STDIN").await.expect("copy in");
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from_static(
+        b"{\"n\":1}\n{\"n\":2}\nplain text\n",
+    ))
+    .await
+    .expect("send copy data");
+    assert_eq!(sink.as_mut().finish().await.expect("finish copy"), 3);
+    let sink = c
+        .copy_in("COPY lines (key, payload) FROM STDIN")
+        .await
+        .expect("copy in");
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from_static(b"k1\tfirst\nk1\tsecond\n"))
+        .await
+        .expect("send copy data");
+    assert_eq!(sink.as_mut().finish().await.expect("finish copy"), 2);
+    assert_eq!(
+        simple_value(
+            &c,
+            "SELECT count(DISTINCT _partition) FROM lines WHERE key = 'k1'"
+        )
+        .await,
+        "1"
+    );
+    assert_eq!(
+        simple_value(&c, "SELECT payload FROM lines WHERE payload LIKE 'plain%'").await,
+        "plain text"
+    );
+
+    let topics = simple_rows(
+        &c,
+        "SELECT topic, partition, messages FROM weir_topics ORDER BY partition",
+    )
+    .await;
+    assert_eq!(topics.len(), 2);
+    let total: i64 = topics
+        .iter()
+        .map(|r| r[2].as_deref().unwrap_or("0").parse::<i64>().expect("n"))
+        .sum();
+    assert_eq!(total, 5);
+    let lag: i64 = simple_value(
+        &c,
+        "SELECT sum(lag) FROM weir_subscriptions WHERE subscription = 'follow'",
+    )
+    .await
+    .parse()
+    .expect("lag");
+    assert_eq!(lag, 5, "nothing consumed yet");
+    fetch(&c, "FETCH 100 FROM SUBSCRIPTION follow").await;
+    c.batch_execute("COMMIT SUBSCRIPTION follow")
+        .await
+        .expect("commit");
+    assert_eq!(
+        simple_value(
+            &c,
+            "SELECT sum(lag) FROM weir_subscriptions WHERE subscription = 'follow'"
+        )
+        .await,
+        "0"
+    );
+    let (status, metrics) = crate::harness::http_get(server.http_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("weir_topic_messages{topic=\"lines\",partition=\"0\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_subscription_lag{subscription=\"follow\",partition=\"1\"} 0"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}

@@ -1,0 +1,272 @@
+//! System relations: `weir_topics` (one row per topic partition) and
+//! `weir_subscriptions` (one row per subscription partition), computed when
+//! scanned; the same figures feed `SHOW TOPICS`, `SHOW SUBSCRIPTIONS` and
+//! `/metrics`.
+
+use std::fmt;
+use std::sync::{Arc, Weak};
+
+use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session as DfSession, TableProvider};
+use datafusion::common::DataFusionError;
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::{Inner, Weir};
+use crate::queue::subscription::SubscriptionMode;
+
+/// One topic partition's figures.
+#[derive(Debug, Clone)]
+pub struct TopicPartitionStats {
+    pub topic: String,
+    pub partition: u32,
+    pub partitions: u32,
+    /// Retained messages in this partition.
+    pub messages: u64,
+    /// Bytes retained by the whole topic (the log does not split them per partition).
+    pub topic_bytes: u64,
+    pub oldest_offset: u64,
+    pub next_offset: u64,
+}
+
+/// One subscription partition's figures.
+#[derive(Debug, Clone)]
+pub struct SubscriptionPartitionStats {
+    pub subscription: String,
+    pub mode: &'static str,
+    pub partition: u32,
+    pub lag: u64,
+    /// Subscription-wide counts, repeated on each partition's row.
+    pub in_flight: u64,
+    pub redeliveries: u64,
+    pub dead_lettered: u64,
+}
+
+impl Weir {
+    /// Current figures of every topic partition, sorted by topic and partition.
+    pub fn topic_stats(&self) -> Vec<TopicPartitionStats> {
+        let mut topics: Vec<_> = self
+            .inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        topics.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut rows = Vec::new();
+        for (name, topic) in topics {
+            let stats = topic.stats();
+            for partition in 0..stats.partitions {
+                let oldest = stats
+                    .oldest_offsets
+                    .get(partition as usize)
+                    .copied()
+                    .unwrap_or(0);
+                let next = stats
+                    .next_offsets
+                    .get(partition as usize)
+                    .copied()
+                    .unwrap_or(0);
+                rows.push(TopicPartitionStats {
+                    topic: name.clone(),
+                    partition,
+                    partitions: stats.partitions,
+                    messages: next.saturating_sub(oldest),
+                    topic_bytes: stats.bytes,
+                    oldest_offset: oldest,
+                    next_offset: next,
+                });
+            }
+        }
+        rows
+    }
+
+    /// Current figures of every subscription partition.
+    pub fn subscription_stats(&self) -> Vec<SubscriptionPartitionStats> {
+        let mut subs: Vec<_> = self
+            .inner
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        subs.sort_by(|a, b| a.0.cmp(&b.0));
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut rows = Vec::new();
+        for (name, sub) in subs {
+            let stats = sub.stats(now);
+            let mode = match stats.mode {
+                SubscriptionMode::Stream => "stream",
+                SubscriptionMode::Queue => "queue",
+            };
+            for (partition, lag) in stats.lag.iter().enumerate() {
+                rows.push(SubscriptionPartitionStats {
+                    subscription: name.clone(),
+                    mode,
+                    partition: partition as u32,
+                    lag: *lag,
+                    in_flight: stats.in_flight,
+                    redeliveries: stats.redeliveries,
+                    dead_lettered: stats.dead_lettered,
+                });
+            }
+        }
+        rows
+    }
+
+    /// Registers the system relations in the DataFusion context.
+    pub(super) fn register_system_tables(&self) -> datafusion::error::Result<()> {
+        for kind in [SystemKind::Topics, SystemKind::Subscriptions] {
+            let table = SystemTable {
+                kind,
+                weir: Arc::downgrade(&self.inner),
+            };
+            self.inner
+                .ctx
+                .register_table(kind.name(), Arc::new(table))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SystemKind {
+    Topics,
+    Subscriptions,
+}
+
+impl SystemKind {
+    fn name(&self) -> &'static str {
+        match self {
+            SystemKind::Topics => "weir_topics",
+            SystemKind::Subscriptions => "weir_subscriptions",
+        }
+    }
+
+    fn schema(&self) -> SchemaRef {
+        let fields = match self {
+            SystemKind::Topics => vec![
+                Field::new("topic", DataType::Utf8, false),
+                Field::new("partition", DataType::Int32, false),
+                Field::new("partitions", DataType::Int32, false),
+                Field::new("messages", DataType::Int64, false),
+                Field::new("topic_bytes", DataType::Int64, false),
+                Field::new("oldest_offset", DataType::Int64, false),
+                Field::new("next_offset", DataType::Int64, false),
+            ],
+            SystemKind::Subscriptions => vec![
+                Field::new("subscription", DataType::Utf8, false),
+                Field::new("mode", DataType::Utf8, false),
+                Field::new("partition", DataType::Int32, false),
+                Field::new("lag", DataType::Int64, false),
+                Field::new("in_flight", DataType::Int64, false),
+                Field::new("redeliveries", DataType::Int64, false),
+                Field::new("dead_lettered", DataType::Int64, false),
+            ],
+        };
+        Arc::new(Schema::new(fields))
+    }
+
+    fn rows(&self, weir: &Weir) -> Vec<ArrayRef> {
+        match self {
+            SystemKind::Topics => {
+                let r = weir.topic_stats();
+                vec![
+                    Arc::new(StringArray::from_iter_values(
+                        r.iter().map(|s| s.topic.clone()),
+                    )),
+                    Arc::new(Int32Array::from_iter_values(
+                        r.iter().map(|s| s.partition as i32),
+                    )),
+                    Arc::new(Int32Array::from_iter_values(
+                        r.iter().map(|s| s.partitions as i32),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        r.iter().map(|s| s.messages as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        r.iter().map(|s| s.topic_bytes as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        r.iter().map(|s| s.oldest_offset as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        r.iter().map(|s| s.next_offset as i64),
+                    )),
+                ]
+            }
+            SystemKind::Subscriptions => {
+                let r = weir.subscription_stats();
+                vec![
+                    Arc::new(StringArray::from_iter_values(
+                        r.iter().map(|s| s.subscription.clone()),
+                    )),
+                    Arc::new(StringArray::from_iter_values(r.iter().map(|s| s.mode))),
+                    Arc::new(Int32Array::from_iter_values(
+                        r.iter().map(|s| s.partition as i32),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(r.iter().map(|s| s.lag as i64))),
+                    Arc::new(Int64Array::from_iter_values(
+                        r.iter().map(|s| s.in_flight as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        r.iter().map(|s| s.redeliveries as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        r.iter().map(|s| s.dead_lettered as i64),
+                    )),
+                ]
+            }
+        }
+    }
+}
+
+/// A relation computed from the engine's state when scanned. Holds the engine
+/// weakly: the engine's DataFusion context owns this table.
+struct SystemTable {
+    kind: SystemKind,
+    weir: Weak<Inner>,
+}
+
+impl fmt::Debug for SystemTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SystemTable({})", self.kind.name())
+    }
+}
+
+#[async_trait]
+impl TableProvider for SystemTable {
+    fn schema(&self) -> SchemaRef {
+        self.kind.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn DfSession,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let inner = self
+            .weir
+            .upgrade()
+            .ok_or_else(|| DataFusionError::Execution("the server is shutting down".to_string()))?;
+        let weir = Weir { inner };
+        let batch = RecordBatch::try_new(self.schema(), self.kind.rows(&weir))?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[vec![batch]],
+            self.schema(),
+            projection.cloned(),
+        )?)
+    }
+}
