@@ -226,15 +226,7 @@ impl Weir {
         for table in tables {
             table.sync()?;
         }
-        let topics: Vec<_> = self
-            .inner
-            .topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for topic in topics {
+        for (_, topic) in self.open_topics() {
             topic.sync_all().map_err(queue::queue_error)?;
         }
         Ok(())

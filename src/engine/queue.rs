@@ -206,6 +206,26 @@ fn undefined(kind: &str, name: &str) -> WeirError {
 }
 
 impl Weir {
+    /// The open topics, sorted by name.
+    pub(super) fn open_topics(&self) -> Vec<(String, Arc<Topic>)> {
+        let map = self.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut topics: Vec<_> = map.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        topics.sort_by(|a, b| a.0.cmp(&b.0));
+        topics
+    }
+
+    /// The open subscriptions, sorted by name.
+    pub(super) fn open_subscriptions(&self) -> Vec<(String, Arc<Subscription>)> {
+        let map = self
+            .inner
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut subs: Vec<_> = map.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        subs.sort_by(|a, b| a.0.cmp(&b.0));
+        subs
+    }
+
     /// Whether a topic of this name is open.
     pub(super) fn topic_exists(&self, name: &str) -> bool {
         self.inner
@@ -292,13 +312,10 @@ async fn ensure_dead_letter_topic(
     topic: &Arc<Topic>,
 ) -> WeirResult<Arc<Topic>> {
     let topic_name = weir
-        .inner
-        .topics
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
+        .open_topics()
+        .into_iter()
         .find(|(_, t)| Arc::ptr_eq(t, topic))
-        .map(|(n, _)| n.clone())
+        .map(|(n, _)| n)
         .ok_or_else(|| {
             WeirError::internal(format!("topic of {} is not open", subscription.name))
         })?;
@@ -349,26 +366,6 @@ fn topic_table_schema() -> SchemaRef {
     ]))
 }
 
-fn show_topics_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("name", DataType::Utf8, false),
-        Field::new("partitions", DataType::Int32, false),
-        Field::new("messages", DataType::Int64, false),
-        Field::new("bytes", DataType::Int64, false),
-    ]))
-}
-
-fn show_subscriptions_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("name", DataType::Utf8, false),
-        Field::new("mode", DataType::Utf8, false),
-        Field::new("lag", DataType::Int64, false),
-        Field::new("in_flight", DataType::Int64, false),
-        Field::new("redeliveries", DataType::Int64, false),
-        Field::new("dead_lettered", DataType::Int64, false),
-    ]))
-}
-
 fn seek_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("partition", DataType::Int32, false),
@@ -376,12 +373,28 @@ fn seek_schema() -> SchemaRef {
     ]))
 }
 
+/// `SHOW TOPICS` and `SHOW SUBSCRIPTIONS` are queries over the system
+/// relations; this is the query a statement stands for, if it is one.
+pub(super) fn show_query(statement: &WeirStatement) -> Option<&'static str> {
+    match statement {
+        WeirStatement::ShowTopics => Some(
+            "SELECT topic AS name, max(partitions) AS partitions, sum(messages) AS messages, \
+             max(topic_bytes) AS bytes FROM weir_topics GROUP BY topic ORDER BY topic",
+        ),
+        WeirStatement::ShowSubscriptions => Some(
+            "SELECT subscription AS name, max(mode) AS mode, sum(lag) AS lag, \
+             max(in_flight) AS in_flight, max(redeliveries) AS redeliveries, \
+             max(dead_lettered) AS dead_lettered FROM weir_subscriptions \
+             GROUP BY subscription ORDER BY subscription",
+        ),
+        _ => None,
+    }
+}
+
 /// Result columns of a Weir statement (empty for commands).
 pub(super) fn result_schema(statement: &WeirStatement) -> SchemaRef {
     match statement {
         WeirStatement::Fetch { .. } => fetch_schema(),
-        WeirStatement::ShowTopics => show_topics_schema(),
-        WeirStatement::ShowSubscriptions => show_subscriptions_schema(),
         WeirStatement::CommitSubscription { .. } => seek_schema(),
         _ => Arc::new(Schema::empty()),
     }
@@ -461,6 +474,9 @@ pub(super) async fn execute(
     statement: &WeirStatement,
 ) -> WeirResult<Output> {
     match statement {
+        WeirStatement::ShowTopics | WeirStatement::ShowSubscriptions => Err(WeirError::internal(
+            "SHOW TOPICS/SUBSCRIPTIONS run as queries and never reach execute",
+        )),
         WeirStatement::CreateTopic {
             name,
             if_not_exists,
@@ -540,32 +556,6 @@ pub(super) async fn execute(
             .await?;
             Ok(command("ALTER TOPIC", None))
         }
-        WeirStatement::ShowTopics => {
-            let topics: Vec<(String, Arc<Topic>)> = {
-                let map = weir.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
-                let mut v: Vec<_> = map.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                v
-            };
-            let stats: Vec<_> = topics.iter().map(|(_, t)| t.stats()).collect();
-            rows(
-                show_topics_schema(),
-                vec![
-                    Arc::new(StringArray::from_iter_values(
-                        topics.iter().map(|(n, _)| n.clone()),
-                    )),
-                    Arc::new(Int32Array::from_iter_values(
-                        stats.iter().map(|s| s.partitions as i32),
-                    )),
-                    Arc::new(Int64Array::from_iter_values(
-                        stats.iter().map(|s| s.messages as i64),
-                    )),
-                    Arc::new(Int64Array::from_iter_values(
-                        stats.iter().map(|s| s.bytes as i64),
-                    )),
-                ],
-            )
-        }
         WeirStatement::CreateSubscription {
             name,
             topic,
@@ -605,46 +595,6 @@ pub(super) async fn execute(
                 let _ = std::fs::remove_dir_all(weir.storage_dir("subscriptions", relation.id));
             }
             Ok(command("DROP SUBSCRIPTION", None))
-        }
-        WeirStatement::ShowSubscriptions => {
-            let subs: Vec<(String, Arc<Subscription>)> = {
-                let map = weir
-                    .inner
-                    .subscriptions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let mut v: Vec<_> = map.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                v
-            };
-            let now = now_ms();
-            let stats: Vec<_> = subs.iter().map(|(_, s)| s.stats(now)).collect();
-            rows(
-                show_subscriptions_schema(),
-                vec![
-                    Arc::new(StringArray::from_iter_values(
-                        subs.iter().map(|(n, _)| n.clone()),
-                    )),
-                    Arc::new(StringArray::from_iter_values(stats.iter().map(
-                        |s| match s.mode {
-                            SubscriptionMode::Stream => "stream",
-                            SubscriptionMode::Queue => "queue",
-                        },
-                    ))),
-                    Arc::new(Int64Array::from_iter_values(
-                        stats.iter().map(|s| s.lag.iter().sum::<u64>() as i64),
-                    )),
-                    Arc::new(Int64Array::from_iter_values(
-                        stats.iter().map(|s| s.in_flight as i64),
-                    )),
-                    Arc::new(Int64Array::from_iter_values(
-                        stats.iter().map(|s| s.redeliveries as i64),
-                    )),
-                    Arc::new(Int64Array::from_iter_values(
-                        stats.iter().map(|s| s.dead_lettered as i64),
-                    )),
-                ],
-            )
         }
         WeirStatement::Fetch {
             subscription,
@@ -702,14 +652,7 @@ pub(super) async fn execute(
 impl Weir {
     /// Deletes segments past every topic's retention; returns how many.
     pub async fn apply_retention(&self) -> WeirResult<usize> {
-        let topics: Vec<Arc<Topic>> = self
-            .inner
-            .topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let topics: Vec<Arc<Topic>> = self.open_topics().into_iter().map(|(_, t)| t).collect();
         blocking(move || {
             let now = now_ms();
             topics

@@ -445,6 +445,17 @@ impl Session {
 impl Weir {
     /// Plans a statement (DataFusion statements) or classifies it (Weir's own).
     pub async fn prepare(&self, statement: Statement, text: &str) -> WeirResult<Prepared> {
+        // SHOW TOPICS / SHOW SUBSCRIPTIONS are queries over system relations.
+        let statement = match &statement {
+            Statement::Weir(w) => match queue::show_query(w) {
+                Some(query) => match self.inner.parser.parse(query)?.pop() {
+                    Some(parsed) => parsed,
+                    None => return Err(WeirError::internal("empty SHOW query")),
+                },
+                None => statement,
+            },
+            Statement::Sql(_) => statement,
+        };
         let sql = match &statement {
             Statement::Sql(sql) => sql.as_ref(),
             Statement::Weir(weir_statement) => {

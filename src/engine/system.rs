@@ -49,17 +49,8 @@ pub struct SubscriptionPartitionStats {
 impl Weir {
     /// Current figures of every topic partition, sorted by topic and partition.
     pub fn topic_stats(&self) -> Vec<TopicPartitionStats> {
-        let mut topics: Vec<_> = self
-            .inner
-            .topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
-        topics.sort_by(|a, b| a.0.cmp(&b.0));
         let mut rows = Vec::new();
-        for (name, topic) in topics {
+        for (name, topic) in self.open_topics() {
             let stats = topic.stats();
             for partition in 0..stats.partitions {
                 let oldest = stats
@@ -88,18 +79,9 @@ impl Weir {
 
     /// Current figures of every subscription partition.
     pub fn subscription_stats(&self) -> Vec<SubscriptionPartitionStats> {
-        let mut subs: Vec<_> = self
-            .inner
-            .subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(n, s)| (n.clone(), s.clone()))
-            .collect();
-        subs.sort_by(|a, b| a.0.cmp(&b.0));
         let now = chrono::Utc::now().timestamp_millis();
         let mut rows = Vec::new();
-        for (name, sub) in subs {
+        for (name, sub) in self.open_subscriptions() {
             let stats = sub.stats(now);
             let mode = match stats.mode {
                 SubscriptionMode::Stream => "stream",

@@ -573,13 +573,10 @@ impl ExtendedQueryHandler for Service {
         };
         let shared = self.session(client);
         let mut session = shared.lock().await;
-        // Re-check the block state and count the statement like the simple path.
-        let prepared = session
-            .prepare(prepared.statement.clone(), &prepared.text)
-            .await
-            .map_err(to_pg_error)?;
+        // The plan made at Parse is reused: executing a prepared statement
+        // does not plan it again.
         let output = session
-            .execute(&prepared, params)
+            .execute(prepared, params)
             .await
             .map_err(to_pg_error)?;
         respond(client, output, &portal.result_column_format, &prepared.text).await
