@@ -119,22 +119,30 @@ fn split_statements(text: &str) -> Vec<&str> {
                     .unwrap_or(rest.len()),
         )
     };
+    // A piece starts at its first token that is not whitespace or a comment,
+    // so its leading words say what statement it is.
     let mut pieces = Vec::new();
-    let mut begin = 0;
+    let mut begin: Option<usize> = None;
     for token in &tokens {
-        if token.token == Token::SemiColon {
-            let Some(at) = byte_at(token.span.start.line, token.span.start.column) else {
-                return vec![text];
-            };
-            pieces.push(&text[begin..at]);
-            begin = at + 1;
+        let Some(at) = byte_at(token.span.start.line, token.span.start.column) else {
+            return vec![text];
+        };
+        match &token.token {
+            Token::SemiColon => {
+                if let Some(start) = begin.take() {
+                    pieces.push(&text[start..at]);
+                }
+            }
+            Token::Whitespace(_) => {}
+            _ => {
+                begin.get_or_insert(at);
+            }
         }
     }
-    pieces.push(&text[begin.min(text.len())..]);
+    if let Some(start) = begin {
+        pieces.push(&text[start..]);
+    }
     pieces
-        .into_iter()
-        .filter(|p| !p.trim().is_empty())
-        .collect()
 }
 
 /// Whether `text` looks like a client's catalog query. Only those go through

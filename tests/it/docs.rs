@@ -1,5 +1,6 @@
-//! Runs every ```sql block of docs/sql.md, in order, against a fresh server,
-//! so the SQL reference cannot drift from what Weir accepts.
+//! Runs every ```sql block of docs/sql.md and docs/queue.md, in order, against
+//! a fresh server per page, so the references cannot drift from what Weir
+//! accepts.
 
 use crate::harness::TestServer;
 
@@ -23,19 +24,37 @@ fn sql_blocks(markdown: &str) -> Vec<String> {
     blocks
 }
 
-#[tokio::test]
-async fn sql_reference_examples_run() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/sql.md"))
-        .expect("docs/sql.md");
+/// Runs a page's examples on a fresh server; returns the server and a client.
+async fn run_examples(page: &str) -> (TestServer, tokio_postgres::Client) {
+    let path = format!("{}/docs/{page}", env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(&path).expect("read the docs page");
     let blocks = sql_blocks(&doc);
-    assert!(blocks.len() >= 4, "docs/sql.md lost its examples");
+    assert!(blocks.len() >= 4, "docs/{page} lost its examples");
     let server = TestServer::start().await;
     let client = server.connect().await;
     for block in &blocks {
         if let Err(e) = client.simple_query(block).await {
-            panic!("docs/sql.md example failed: {e:?}\n{block}");
+            panic!("docs/{page} example failed: {e:?}\n{block}");
         }
     }
+    (server, client)
+}
+
+#[tokio::test]
+async fn queue_reference_examples_run() {
+    let (server, client) = run_examples("queue.md").await;
+    let rows = client
+        .query("SELECT count(*) FROM orders", &[])
+        .await
+        .expect("count orders");
+    let count: i64 = rows[0].get(0);
+    assert_eq!(count, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sql_reference_examples_run() {
+    let (server, client) = run_examples("sql.md").await;
     // The examples leave known data behind; check one result end to end.
     let rows = client
         .query("SELECT owner, balance FROM accounts ORDER BY id", &[])
