@@ -9,6 +9,7 @@
 mod copy;
 mod ddl;
 mod dml;
+mod pgfuncs;
 mod queue;
 mod session;
 mod settings;
@@ -306,6 +307,7 @@ fn new_context() -> WeirResult<SessionContext> {
     let ctx = SessionContext::new_with_config(config);
     datafusion_pg_catalog::setup_pg_catalog(&ctx, DATABASE_NAME, Roles)
         .map_err(|e| WeirError::internal(format!("setting up pg_catalog: {e}")))?;
+    pgfuncs::register(&ctx);
     let version = version_string();
     ctx.register_udf(create_udf(
         "version",

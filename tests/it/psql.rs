@@ -81,7 +81,7 @@ async fn psql_meta_commands_describe_the_catalog() {
         );
     }
 
-    for command in [r"\l", r"\dn", r"\du"] {
+    for command in [r"\l", r"\dn", r"\du", r"\dt+", r"\l+"] {
         let output = psql(addr, &["-c", command]).await;
         assert!(
             output.status.success() && output.stderr.is_empty(),
