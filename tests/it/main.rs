@@ -11,6 +11,7 @@ mod log;
 mod protocol;
 mod psql;
 mod queue;
+mod queue_crash;
 mod slt;
 mod tidy;
 mod topics;
