@@ -239,8 +239,11 @@ impl AsyncDB for Simple {
         "weir"
     }
 
-    async fn sleep(dur: std::time::Duration) {
-        tokio::time::sleep(dur).await;
+    /// The runner calls this for an slt `sleep` record. Tests synchronise
+    /// with `FLUSH` or a deadline, never by waiting (STYLE.md), so a `sleep`
+    /// record fails its file.
+    async fn sleep(_dur: std::time::Duration) {
+        panic!("`sleep` in an .slt file: synchronise with FLUSH instead of waiting");
     }
 
     fn error_sql_state(err: &SltError) -> Option<String> {
@@ -284,8 +287,11 @@ impl AsyncDB for Extended {
         "weir"
     }
 
-    async fn sleep(dur: std::time::Duration) {
-        tokio::time::sleep(dur).await;
+    /// The runner calls this for an slt `sleep` record. Tests synchronise
+    /// with `FLUSH` or a deadline, never by waiting (STYLE.md), so a `sleep`
+    /// record fails its file.
+    async fn sleep(_dur: std::time::Duration) {
+        panic!("`sleep` in an .slt file: synchronise with FLUSH instead of waiting");
     }
 
     fn error_sql_state(err: &SltError) -> Option<String> {
