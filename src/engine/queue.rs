@@ -17,7 +17,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
 use bytes::Bytes;
 use datafusion::catalog::{Session as DfSession, TableProvider};
-use datafusion::common::DataFusionError;
+use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
@@ -26,6 +26,7 @@ use datafusion::logical_expr::Expr;
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
+use datafusion::sql::sqlparser::ast;
 use futures::StreamExt;
 
 use super::session::Output;
@@ -961,6 +962,156 @@ impl DataSink for TopicSink {
         blocking(move || topic.publish(&messages))
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(n)
+    }
+}
+
+/// One value of an `INSERT ... VALUES` row into a topic: a literal or `$n`.
+#[derive(Debug, Clone)]
+enum Cell {
+    Literal(Option<String>),
+    /// Zero-based parameter index.
+    Param(usize),
+}
+
+/// `INSERT INTO topic (key, payload, headers) VALUES (...)` with only
+/// literals and parameters: a publish, which needs no query plan. Running it
+/// directly keeps DataFusion's optimizer and physical planner off the publish
+/// path (they cost more than the append and fsync; see docs/benchmarks.md).
+/// Any other INSERT into a topic goes through DataFusion and the topic sink.
+#[derive(Debug, Clone)]
+pub(super) struct FastPublish {
+    topic: String,
+    /// For each VALUES position, its index in `key, payload, headers`.
+    columns: Vec<usize>,
+    rows: Vec<Vec<Cell>>,
+}
+
+/// The direct publish a statement stands for, if it has that shape.
+pub(super) fn fast_publish(weir: &Weir, statement: &ast::Statement) -> Option<FastPublish> {
+    let ast::Statement::Insert(insert) = statement else {
+        return None;
+    };
+    if insert.on.is_some()
+        || insert.returning.is_some()
+        || insert.overwrite
+        || !insert.assignments.is_empty()
+        || insert.columns.is_empty()
+    {
+        return None;
+    }
+    let ast::TableObject::TableName(name) = &insert.table else {
+        return None;
+    };
+    let topic = super::ddl::normalise(name);
+    if !weir.topic_exists(&topic) {
+        return None;
+    }
+    let columns = insert
+        .columns
+        .iter()
+        .map(|c| {
+            let c = super::ddl::normalise(c);
+            ["key", "payload", "headers"].iter().position(|n| *n == c)
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let source = insert.source.as_ref()?;
+    if source.with.is_some() || source.order_by.is_some() || source.limit_clause.is_some() {
+        return None;
+    }
+    let ast::SetExpr::Values(values) = source.body.as_ref() else {
+        return None;
+    };
+    let rows = values
+        .rows
+        .iter()
+        .map(|row| {
+            if row.len() != columns.len() {
+                return None;
+            }
+            row.iter()
+                .map(|expr| match expr {
+                    ast::Expr::Value(v) => match &v.value {
+                        ast::Value::SingleQuotedString(s) => Some(Cell::Literal(Some(s.clone()))),
+                        ast::Value::Null => Some(Cell::Literal(None)),
+                        ast::Value::Number(n, _) => Some(Cell::Literal(Some(n.clone()))),
+                        ast::Value::Placeholder(p) => {
+                            let n: usize = p.strip_prefix('$')?.parse().ok()?;
+                            Some(Cell::Param(n.checked_sub(1)?))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(FastPublish {
+        topic,
+        columns,
+        rows,
+    })
+}
+
+impl FastPublish {
+    /// Publishes the rows with `params` bound; returns the message count.
+    pub(super) async fn run(&self, weir: &Weir, params: Option<&ParamValues>) -> WeirResult<u64> {
+        let param = |n: usize| -> WeirResult<Option<String>> {
+            let value = match params {
+                Some(ParamValues::List(values)) => values.get(n).map(|v| &v.value),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                WeirError::new(
+                    SqlState("08P01"),
+                    format!("no value supplied for parameter ${}", n + 1),
+                )
+            })?;
+            Ok(match value {
+                v if v.is_null() => None,
+                ScalarValue::Utf8(Some(s))
+                | ScalarValue::Utf8View(Some(s))
+                | ScalarValue::LargeUtf8(Some(s)) => Some(s.clone()),
+                ScalarValue::Binary(Some(b))
+                | ScalarValue::BinaryView(Some(b))
+                | ScalarValue::LargeBinary(Some(b)) => {
+                    Some(String::from_utf8_lossy(b).into_owned())
+                }
+                other => Some(other.to_string()),
+            })
+        };
+        let mut columns: [Vec<Option<String>>; 3] = Default::default();
+        for row in &self.rows {
+            let mut values: [Option<String>; 3] = Default::default();
+            for (cell, &column) in row.iter().zip(&self.columns) {
+                values[column] = match cell {
+                    Cell::Literal(v) => v.clone(),
+                    Cell::Param(n) => param(*n)?,
+                };
+            }
+            for (column, value) in columns.iter_mut().zip(values) {
+                column.push(value);
+            }
+        }
+        let [keys, payloads, headers] = columns;
+        let schema = Arc::new(Schema::new(
+            ["key", "payload", "headers"]
+                .iter()
+                .map(|n| Field::new(*n, DataType::Utf8, true))
+                .collect::<Vec<_>>(),
+        ));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(keys)),
+                Arc::new(StringArray::from(payloads)),
+                Arc::new(StringArray::from(headers)),
+            ],
+        )
+        .map_err(|e| WeirError::internal(format!("building publish batch: {e}")))?;
+        let messages = messages_from_batch(&batch)?;
+        let n = messages.len() as u64;
+        weir.publish(&self.topic, messages).await?;
         Ok(n)
     }
 }

@@ -60,6 +60,8 @@ pub struct Prepared {
     pub schema: SchemaRef,
     /// Inferred type of `$1`, `$2`, ... (None where DataFusion cannot tell).
     pub param_types: Vec<Option<DataType>>,
+    /// Set for an INSERT into a topic that is a plain publish: run directly.
+    publish: Option<queue::FastPublish>,
 }
 
 /// Where the session stands with respect to a transaction block.
@@ -224,6 +226,13 @@ impl Session {
         params: Option<ParamValues>,
     ) -> WeirResult<Output> {
         let text = &prepared.text;
+        if let Some(publish) = &prepared.publish {
+            let rows = publish.run(&self.weir, params.as_ref()).await?;
+            return Ok(Output::Command {
+                tag: "INSERT 0".to_string(),
+                rows: Some(rows),
+            });
+        }
         // UPDATE/DELETE were planned by DataFusion to check them and infer
         // parameter types; they run as a SELECT plus one change (see dml.rs).
         let sql = match &prepared.statement {
@@ -466,6 +475,7 @@ impl Weir {
                     kind: Kind::Utility,
                     plan: None,
                     param_types: Vec::new(),
+                    publish: None,
                 });
             }
         };
@@ -496,6 +506,7 @@ impl Weir {
                 plan: None,
                 schema,
                 param_types: Vec::new(),
+                publish: None,
             });
         }
         let state = self.inner.ctx.state();
@@ -523,6 +534,10 @@ impl Weir {
             empty_schema()
         };
         let param_types = parameter_types(&plan).map_err(|e| from_datafusion(e, text))?;
+        let publish = match kind {
+            Kind::Insert => queue::fast_publish(self, sql),
+            _ => None,
+        };
         Ok(Prepared {
             statement,
             text: text.to_string(),
@@ -530,6 +545,7 @@ impl Weir {
             plan: Some(plan),
             schema,
             param_types,
+            publish,
         })
     }
 }

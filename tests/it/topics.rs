@@ -430,3 +430,39 @@ async fn copy_publishes_and_system_tables_report() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn prepared_publish_binds_parameters() {
+    let server = TestServer::start().await;
+    let c = server.connect().await;
+    c.batch_execute("CREATE TOPIC p WITH (partitions = 2)")
+        .await
+        .expect("create topic");
+    let publish = c
+        .prepare("INSERT INTO p (key, payload, headers) VALUES ($1, $2, $3)")
+        .await
+        .expect("prepare");
+    for i in 0..20 {
+        let key = (i % 2 == 0).then(|| format!("k{i}"));
+        let n = c
+            .execute(&publish, &[&key, &format!("m{i}"), &Some(r#"{"n": "1"}"#)])
+            .await
+            .expect("publish");
+        assert_eq!(n, 1);
+    }
+    let null_payload = c
+        .execute(&publish, &[&"k", &None::<String>, &None::<String>])
+        .await;
+    let err = null_payload.expect_err("a message needs a payload");
+    assert_eq!(crate::harness::sqlstate(&err), "23502");
+    assert_eq!(simple_value(&c, "SELECT count(*) FROM p").await, "20");
+    assert_eq!(
+        simple_value(&c, "SELECT count(*) FROM p WHERE key IS NULL").await,
+        "10"
+    );
+    assert_eq!(
+        simple_value(&c, "SELECT count(*) FROM p WHERE headers = '{\"n\":\"1\"}'").await,
+        "20"
+    );
+    server.shutdown().await;
+}
