@@ -36,6 +36,25 @@
 //!    memory and acknowledged. On start, [`engine::Weir::open`] replays each
 //!    log into memory.
 //!
+//! ## A message: publish → subscription → consumer
+//! 1. `INSERT INTO orders (key, payload) VALUES (...)` of literals or `$n`
+//!    parameters is recognised at prepare time as a plain publish (no
+//!    DataFusion plan); `COPY orders FROM STDIN` and HTTP
+//!    `POST /v1/topics/orders/messages` arrive at the same
+//!    [`engine::Weir::publish`].
+//! 2. [`queue::topic::Topic::publish`] picks each message's partition
+//!    (crc32 of the key, or round robin), appends to that partition's
+//!    [`queue::Log`] and syncs it (group commit), then wakes long-polling
+//!    fetchers. Only now is the publish acknowledged.
+//! 3. `FETCH 10 FROM SUBSCRIPTION billing WAIT '5s'` calls
+//!    [`engine::Weir::fetch`], which asks [`queue::subscription::Subscription::fetch`]
+//!    for messages: stream mode reads the consumer's partitions from its
+//!    position; queue mode leases messages and durably records the delivery.
+//!    With nothing to deliver it waits on the topic until a publish or the
+//!    deadline.
+//! 4. `ACK`/`COMMIT` append a durable state event to the subscription's own
+//!    log; after a restart the subscription replays it and resumes there.
+//!
 //! `CREATE MATERIALIZED VIEW` and the broker → source → window → Parquet path
 //! join this walk with the streaming runtime (`stream`) and connectors.
 
