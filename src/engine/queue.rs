@@ -24,7 +24,6 @@ use datafusion::datasource::sink::{DataSink, DataSinkExec};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
 use datafusion::logical_expr::dml::InsertOp;
-use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use datafusion::sql::sqlparser::ast;
 use futures::StreamExt;
@@ -292,7 +291,7 @@ pub(super) async fn open_subscription(weir: &Weir, relation: Relation) -> WeirRe
     let config = subscription_config(&options)?;
     let topic = weir.topic(&topic)?;
     let dead_letter = match config.mode {
-        SubscriptionMode::Queue => Some(ensure_dead_letter_topic(weir, &relation, &topic).await?),
+        SubscriptionMode::Queue => Some(ensure_dead_letter_topic(weir, &topic).await?),
         SubscriptionMode::Stream => None,
     };
     let dir = weir.storage_dir("subscriptions", relation.id);
@@ -307,19 +306,8 @@ pub(super) async fn open_subscription(weir: &Weir, relation: Relation) -> WeirRe
 }
 
 /// The dead-letter topic of a queue subscription's topic: `<topic>_dlq`.
-async fn ensure_dead_letter_topic(
-    weir: &Weir,
-    subscription: &Relation,
-    topic: &Arc<Topic>,
-) -> WeirResult<Arc<Topic>> {
-    let topic_name = weir
-        .open_topics()
-        .into_iter()
-        .find(|(_, t)| Arc::ptr_eq(t, topic))
-        .map(|(n, _)| n)
-        .ok_or_else(|| {
-            WeirError::internal(format!("topic of {} is not open", subscription.name))
-        })?;
+async fn ensure_dead_letter_topic(weir: &Weir, topic: &Topic) -> WeirResult<Arc<Topic>> {
+    let topic_name = topic.name();
     let dlq = format!("{topic_name}_dlq");
     if let Ok(existing) = weir.topic(&dlq) {
         return Ok(existing);
@@ -401,17 +389,6 @@ pub(super) fn result_schema(statement: &WeirStatement) -> SchemaRef {
     }
 }
 
-fn rows(schema: SchemaRef, columns: Vec<ArrayRef>) -> WeirResult<Output> {
-    let batch = RecordBatch::try_new(schema.clone(), columns)
-        .map_err(|e| WeirError::internal(format!("building result: {e}")))?;
-    let stream = MemoryStream::try_new(vec![batch], schema.clone(), None)
-        .map_err(|e| WeirError::internal(format!("building result: {e}")))?;
-    Ok(Output::Rows {
-        schema,
-        stream: Box::pin(stream),
-    })
-}
-
 fn command(tag: impl fmt::Display, rows: Option<u64>) -> Output {
     Output::Command {
         tag: tag.to_string(),
@@ -465,7 +442,7 @@ fn deliveries_output(topic: &str, deliveries: Vec<Delivery>) -> WeirResult<Outpu
             deliveries.iter().map(|d| d.lease_id.clone()),
         )),
     ];
-    rows(fetch_schema(), columns)
+    Output::from_columns(fetch_schema(), columns)
 }
 
 /// Runs one of Weir's queue statements for session consumer `consumer`.
@@ -623,7 +600,7 @@ pub(super) async fn execute(
         }
         WeirStatement::CommitSubscription { subscription } => {
             let committed = weir.commit_subscription(subscription, consumer).await?;
-            rows(
+            Output::from_columns(
                 seek_schema(),
                 vec![
                     Arc::new(Int32Array::from_iter_values(
@@ -679,7 +656,7 @@ impl Weir {
         wait_ms: u64,
     ) -> WeirResult<(String, Vec<Delivery>)> {
         let sub = self.subscription(subscription)?;
-        let topic_name = topic_of(self, subscription)?;
+        let topic_name = sub.topic().name().to_string();
         let max = max.clamp(1, FETCH_MAX) as usize;
         let wait_ms = wait_ms.min(FETCH_WAIT_MAX_MS);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
@@ -753,20 +730,6 @@ fn require_stream(sub: &Subscription, name: &str, what: &str) -> WeirResult<()> 
     .with_hint(format!(
         "{what} is for mode = 'stream'; queue subscriptions use ACK and NACK"
     )))
-}
-
-fn topic_of(weir: &Weir, subscription: &str) -> WeirResult<String> {
-    let relation = weir
-        .inner
-        .catalog
-        .get(subscription)
-        .ok_or_else(|| undefined("subscription", subscription))?;
-    match reparse(weir, &relation)? {
-        WeirStatement::CreateSubscription { topic, .. } => Ok(topic),
-        _ => Err(WeirError::internal(
-            "subscription definition is not CREATE SUBSCRIPTION",
-        )),
-    }
 }
 
 /// A topic as a table: `SELECT` reads its retained history, `INSERT`

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, StringArray, UInt64Array};
+use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::ParamValues;
 use datafusion::execution::SendableRecordBatchStream;
@@ -47,6 +47,21 @@ pub enum Output {
     /// `COPY ... FROM STDIN` is waiting for data: the server feeds
     /// [`Session::copy_data`] and then calls [`Session::copy_done`].
     CopyIn { columns: usize, csv: bool },
+}
+
+impl Output {
+    /// Rows of one batch built from `columns` (SHOW, FETCH and other small
+    /// results computed by the engine itself).
+    pub(super) fn from_columns(schema: SchemaRef, columns: Vec<ArrayRef>) -> WeirResult<Output> {
+        let batch = RecordBatch::try_new(schema.clone(), columns)
+            .map_err(|e| WeirError::internal(format!("building result: {e}")))?;
+        let stream = MemoryStream::try_new(vec![batch], schema.clone(), None)
+            .map_err(|e| WeirError::internal(format!("building result: {e}")))?;
+        Ok(Output::Rows {
+            schema,
+            stream: Box::pin(stream),
+        })
+    }
 }
 
 /// A parsed and (for DataFusion statements) planned statement.
@@ -384,16 +399,13 @@ impl Session {
 
     fn show(&self, prepared: &Prepared) -> WeirResult<Output> {
         let name = prepared.schema.field(0).name().clone();
-        let batch = if prepared.schema.fields().len() == 2 {
+        let columns: Vec<ArrayRef> = if prepared.schema.fields().len() == 2 {
             let names: Vec<&str> = self.settings.keys().map(String::as_str).collect();
             let values: Vec<&str> = self.settings.values().map(String::as_str).collect();
-            RecordBatch::try_new(
-                prepared.schema.clone(),
-                vec![
-                    Arc::new(StringArray::from(names)),
-                    Arc::new(StringArray::from(values)),
-                ],
-            )
+            vec![
+                Arc::new(StringArray::from(names)),
+                Arc::new(StringArray::from(values)),
+            ]
         } else {
             let value = match self.settings.get(&name) {
                 Some(v) => v.clone(),
@@ -406,18 +418,9 @@ impl Session {
                     .with_hint("SHOW ALL lists the parameters"));
                 }
             };
-            RecordBatch::try_new(
-                prepared.schema.clone(),
-                vec![Arc::new(StringArray::from(vec![value]))],
-            )
-        }
-        .map_err(|e| WeirError::internal(format!("building SHOW result: {e}")))?;
-        let stream = MemoryStream::try_new(vec![batch], prepared.schema.clone(), None)
-            .map_err(|e| WeirError::internal(format!("building SHOW result: {e}")))?;
-        Ok(Output::Rows {
-            schema: prepared.schema.clone(),
-            stream: Box::pin(stream),
-        })
+            vec![Arc::new(StringArray::from(vec![value]))]
+        };
+        Output::from_columns(prepared.schema.clone(), columns)
     }
 
     /// Feeds client data to the pending COPY.
