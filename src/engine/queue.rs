@@ -29,6 +29,7 @@ use datafusion::sql::sqlparser::ast;
 use futures::StreamExt;
 
 use super::session::Output;
+use super::table::to_df;
 use super::{Weir, log_error};
 use crate::catalog::{Relation, RelationKind};
 use crate::queue::subscription::{
@@ -765,7 +766,7 @@ impl TableProvider for TopicTable {
                 let records = self
                     .topic
                     .read(partition, from, 8192)
-                    .map_err(|e| DataFusionError::External(Box::new(queue_error(e))))?;
+                    .map_err(|e| to_df(queue_error(e)))?;
                 let Some(last) = records.last() else { break };
                 from = last.offset + 1;
                 let n = records.len();
@@ -805,10 +806,10 @@ impl TableProvider for TopicTable {
         insert_op: InsertOp,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         if insert_op != InsertOp::Append {
-            return Err(DataFusionError::External(Box::new(WeirError::unsupported(
+            return Err(to_df(WeirError::unsupported(
                 "topics are append-only",
                 "publish with INSERT INTO topic (key, payload) VALUES ...",
-            ))));
+            )));
         }
         Ok(Arc::new(DataSinkExec::new(
             input,
@@ -916,15 +917,13 @@ impl DataSink for TopicSink {
     ) -> datafusion::error::Result<u64> {
         let mut messages = Vec::new();
         while let Some(batch) = data.next().await {
-            messages.extend(
-                messages_from_batch(&batch?).map_err(|e| DataFusionError::External(Box::new(e)))?,
-            );
+            messages.extend(messages_from_batch(&batch?).map_err(to_df)?);
         }
         let n = messages.len() as u64;
         let topic = self.topic.clone();
         blocking(move || topic.publish(&messages))
             .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            .map_err(to_df)?;
         Ok(n)
     }
 }

@@ -193,7 +193,8 @@ fn internal(e: arrow::error::ArrowError) -> WeirError {
     WeirError::internal(format!("table storage: {e}"))
 }
 
-fn to_df(e: WeirError) -> DataFusionError {
+/// A Weir error carried through DataFusion; `plan::from_datafusion` unwraps it.
+pub(super) fn to_df(e: WeirError) -> DataFusionError {
     DataFusionError::External(Box::new(e))
 }
 
