@@ -59,6 +59,7 @@
 //! join this walk with the streaming runtime (`stream`) and connectors.
 
 pub mod catalog;
+pub mod connector;
 pub mod engine;
 pub mod format;
 pub mod plan;
@@ -66,4 +67,5 @@ pub mod queue;
 pub mod server;
 pub mod sql;
 pub mod state;
+pub mod stream;
 pub mod types;

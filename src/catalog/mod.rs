@@ -25,6 +25,8 @@ pub enum RelationKind {
     Table,
     Topic,
     Subscription,
+    Source,
+    MaterializedView,
 }
 
 impl RelationKind {
@@ -34,6 +36,8 @@ impl RelationKind {
             RelationKind::Table => "table",
             RelationKind::Topic => "topic",
             RelationKind::Subscription => "subscription",
+            RelationKind::Source => "source",
+            RelationKind::MaterializedView => "materialized view",
         }
     }
 }

@@ -22,15 +22,15 @@ use crate::queue::Log;
 use crate::types::{SqlState, WeirError, WeirResult};
 
 /// A planned `CREATE TABLE`.
-struct TableDefinition {
+pub(super) struct TableDefinition {
     name: String,
-    schema: SchemaRef,
+    pub(super) schema: SchemaRef,
     primary_key: Vec<usize>,
     if_not_exists: bool,
     has_query: bool,
 }
 
-async fn plan_definition(weir: &Weir, sql: &str, stmt: &Statement) -> WeirResult<TableDefinition> {
+pub(super) async fn plan_definition(weir: &Weir, sql: &str, stmt: &Statement) -> WeirResult<TableDefinition> {
     let state = weir.inner.ctx.state();
     let plan = state
         .statement_to_plan(df_statement(stmt))
@@ -139,10 +139,7 @@ pub(super) async fn open_table(weir: &Weir, relation: Relation) -> WeirResult<Ar
     let provider = WeirTable {
         store: store.clone(),
     };
-    weir.inner
-        .ctx
-        .register_table(name.as_str(), Arc::new(provider))
-        .map_err(|e| WeirError::internal(format!("registering table {name}: {e}")))?;
+    weir.register_relation(name.as_str(), Arc::new(provider))?;
     weir.lock_tables().insert(name, store.clone());
     Ok(store)
 }
@@ -168,12 +165,15 @@ pub(super) async fn drop_tables(
             .with_hint("use DROP TABLE IF EXISTS to ignore missing tables"));
         }
     }
+    for name in &names {
+        super::stream::refuse_if_read(weir, name, "table")?;
+    }
     let mut dropped = 0;
     for name in &names {
         let Some(relation) = weir.inner.catalog.drop_relation(name)? else {
             continue;
         };
-        let _ = weir.inner.ctx.deregister_table(name.as_str());
+        weir.deregister_relation(name.as_str());
         weir.lock_tables().remove(name);
         let dir = weir.table_dir(relation.id);
         if let Err(e) = fs::remove_dir_all(&dir) {

@@ -13,6 +13,7 @@ mod pgfuncs;
 mod queue;
 mod session;
 mod settings;
+mod stream;
 mod system;
 mod table;
 
@@ -37,6 +38,7 @@ pub use crate::queue::topic::{Message, Published};
 use crate::queue::{LogConfig, LogError};
 use crate::sql::SqlParser;
 use crate::types::{SqlState, WeirError, WeirResult};
+pub use crate::stream::TaskHandle;
 
 /// The database name clients see (any name a client asks for maps to it).
 pub const DATABASE_NAME: &str = "weir";
@@ -101,6 +103,14 @@ struct Inner {
     topics: Mutex<HashMap<String, Arc<crate::queue::topic::Topic>>>,
     /// Open subscriptions by name.
     subscriptions: Mutex<HashMap<String, Arc<crate::queue::subscription::Subscription>>>,
+    /// Open sources by name (also registered in `ctx`).
+    sources: Mutex<HashMap<String, Arc<stream::SourceHandle>>>,
+    /// Open materialized views by name (also registered in `ctx`); dropping one stops its
+    /// dataflow.
+    views: Mutex<HashMap<String, Arc<stream::ViewHandle>>>,
+    /// Tables, sources and views by name, for the TUMBLE/HOP table functions (which cannot
+    /// reach `ctx`'s catalog synchronously). Shared with the functions registered in `ctx`.
+    relations: Arc<Mutex<HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>>,
     /// Serialises DDL (catalog + registry + files change together). A tokio
     /// mutex: held across log opening on the blocking pool.
     ddl: tokio::sync::Mutex<()>,
@@ -146,7 +156,25 @@ impl Weir {
             .with_hint("stop the other process, or give this one its own --data-dir")
         })?;
         let catalog = Catalog::open(&dir)?;
+        let relations: Arc<Mutex<HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>> =
+            Arc::new(Mutex::new(HashMap::new()));
         let ctx = new_context()?;
+        let lookup_relations = relations.clone();
+        let lookup: crate::plan::window::RelationLookup = Arc::new(move |name: &str| {
+            lookup_relations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .cloned()
+        });
+        for (name, function) in crate::plan::window::WindowFunction::all(lookup) {
+            // DataFusion looks table functions up by the name as written, not folded.
+            let mut capitalised = name.to_string();
+            capitalised[..1].make_ascii_uppercase();
+            for spelling in [name.to_string(), name.to_ascii_uppercase(), capitalised] {
+                ctx.register_udtf(&spelling, function.clone());
+            }
+        }
         let weir = Weir {
             inner: Arc::new(Inner {
                 config,
@@ -156,6 +184,9 @@ impl Weir {
                 tables: Mutex::new(HashMap::new()),
                 topics: Mutex::new(HashMap::new()),
                 subscriptions: Mutex::new(HashMap::new()),
+                sources: Mutex::new(HashMap::new()),
+                views: Mutex::new(HashMap::new()),
+                relations,
                 ddl: tokio::sync::Mutex::new(()),
                 metrics: Metrics::default(),
                 _lock: lock,
@@ -181,7 +212,10 @@ impl Weir {
         }
         for relation in &relations {
             match relation.kind {
-                RelationKind::Topic | RelationKind::Subscription => {}
+                RelationKind::Topic
+                | RelationKind::Subscription
+                | RelationKind::Source
+                | RelationKind::MaterializedView => {}
                 RelationKind::Table => {
                     let started = std::time::Instant::now();
                     let store = ddl::open_table(self, relation.clone()).await?;
@@ -193,6 +227,18 @@ impl Weir {
                     );
                 }
             }
+        }
+        for relation in relations.iter().filter(|r| r.kind == RelationKind::Source) {
+            stream::open_source(self, relation.clone()).await?;
+        }
+        // Views in creation order: a view reads only relations created before it.
+        let mut views: Vec<_> = relations
+            .iter()
+            .filter(|r| r.kind == RelationKind::MaterializedView)
+            .collect();
+        views.sort_by_key(|r| r.id);
+        for relation in views {
+            stream::open_view(self, relation.clone()).await?;
         }
         ddl::remove_orphan_storage(self, &relations)?;
         Ok(())

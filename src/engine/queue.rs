@@ -236,6 +236,11 @@ impl Weir {
             .contains_key(name)
     }
 
+    /// An open topic by name, 42704 if there is none.
+    pub(super) fn topic_arc(&self, name: &str) -> WeirResult<Arc<Topic>> {
+        self.topic(name)
+    }
+
     fn topic(&self, name: &str) -> WeirResult<Arc<Topic>> {
         self.inner
             .topics
@@ -371,6 +376,15 @@ pub(super) fn show_query(statement: &WeirStatement) -> Option<&'static str> {
             "SELECT topic AS name, max(partitions) AS partitions, sum(messages) AS messages, \
              max(topic_bytes) AS bytes FROM weir_topics GROUP BY topic ORDER BY topic",
         ),
+        WeirStatement::ShowSources => Some(
+            "SELECT s.source AS name, s.topic, s.format, s.watermark, st.messages, \
+             st.dead_letters, st.late_rows, s.delivery FROM weir_sources s \
+             JOIN weir_source_stats st ON s.source = st.source ORDER BY s.source",
+        ),
+        WeirStatement::ShowMaterializedViews => Some(
+            "SELECT view AS name, emit, rows, status, definition FROM weir_materialized_views \
+             ORDER BY view",
+        ),
         WeirStatement::ShowSubscriptions => Some(
             "SELECT subscription AS name, max(mode) AS mode, sum(lag) AS lag, \
              max(in_flight) AS in_flight, max(redeliveries) AS redeliveries, \
@@ -386,6 +400,7 @@ pub(super) fn result_schema(statement: &WeirStatement) -> SchemaRef {
     match statement {
         WeirStatement::Fetch { .. } => fetch_schema(),
         WeirStatement::CommitSubscription { .. } => seek_schema(),
+        WeirStatement::ExplainMaterializedView { .. } => super::stream::explain_schema(),
         _ => Arc::new(Schema::empty()),
     }
 }
@@ -453,8 +468,19 @@ pub(super) async fn execute(
     statement: &WeirStatement,
 ) -> WeirResult<Output> {
     match statement {
-        WeirStatement::ShowTopics | WeirStatement::ShowSubscriptions => Err(WeirError::internal(
-            "SHOW TOPICS/SUBSCRIPTIONS run as queries and never reach execute",
+        WeirStatement::ShowTopics
+        | WeirStatement::ShowSubscriptions
+        | WeirStatement::ShowSources
+        | WeirStatement::ShowMaterializedViews => Err(WeirError::internal(
+            "SHOW statements run as queries and never reach execute",
+        )),
+        WeirStatement::CreateSource { .. }
+        | WeirStatement::DropSource { .. }
+        | WeirStatement::CreateMaterializedView { .. }
+        | WeirStatement::DropMaterializedView { .. }
+        | WeirStatement::ExplainMaterializedView { .. }
+        | WeirStatement::Flush => Err(WeirError::internal(
+            "streaming statements are run by engine::stream",
         )),
         WeirStatement::CreateTopic {
             name,
@@ -491,14 +517,20 @@ pub(super) async fn execute(
                 .filter(|r| r.kind == RelationKind::Subscription)
                 .filter(|r| matches!(reparse(weir, r), Ok(WeirStatement::CreateSubscription { topic, .. }) if &topic == name))
                 .map(|r| r.name)
+                .chain(
+                    weir.open_sources()
+                        .into_iter()
+                        .filter(|s| s.topic_name.as_deref() == Some(name.as_str()))
+                        .map(|s| s.relation.name.clone()),
+                )
                 .collect();
             if !dependants.is_empty() {
                 return Err(WeirError::new(
                     SqlState("2BP01"),
                     format!("cannot drop topic \"{name}\" because other objects depend on it"),
                 )
-                .with_detail(format!("subscriptions: {}", dependants.join(", ")))
-                .with_hint("drop the subscriptions first"));
+                .with_detail(format!("subscriptions and sources: {}", dependants.join(", ")))
+                .with_hint("drop the subscriptions and sources first"));
             }
             if let Some(relation) = weir.inner.catalog.drop_relation(name)? {
                 let _ = weir.inner.ctx.deregister_table(name.as_str());

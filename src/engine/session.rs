@@ -26,7 +26,7 @@ use super::queue;
 use super::settings;
 use super::{Weir, version_string};
 use crate::plan::{Kind, classify, from_datafusion, parameter_types, pg_column_names};
-use crate::sql::Statement;
+use crate::sql::{Statement, WeirStatement};
 use crate::types::{SqlState, WeirError, WeirResult};
 
 /// What a statement produced, for the server to put on the wire.
@@ -194,6 +194,14 @@ impl Session {
         let weir = self.weir.clone();
         let text = &prepared.text;
         let statement = match &prepared.statement {
+            Statement::Weir(
+                w @ (WeirStatement::CreateSource { .. }
+                | WeirStatement::DropSource { .. }
+                | WeirStatement::CreateMaterializedView { .. }
+                | WeirStatement::DropMaterializedView { .. }
+                | WeirStatement::ExplainMaterializedView { .. }
+                | WeirStatement::Flush),
+            ) => return super::stream::execute(&weir, w).await,
             Statement::Weir(w) => return queue::execute(&weir, &self.consumer, w).await,
             Statement::Sql(s) => s.as_ref(),
         };

@@ -1,12 +1,15 @@
-//! System relations: `weir_topics` (one row per topic partition) and
-//! `weir_subscriptions` (one row per subscription partition), computed when
-//! scanned; the same figures feed `SHOW TOPICS`, `SHOW SUBSCRIPTIONS` and
+//! System relations, computed when scanned: `weir_topics` (one row per topic
+//! partition), `weir_subscriptions` (one row per subscription partition),
+//! `weir_sources`, `weir_source_stats`, `weir_late_rows`, `weir_dead_letters` and
+//! `weir_materialized_views`; the same figures feed the `SHOW` statements and
 //! `/metrics`.
 
 use std::fmt;
 use std::sync::{Arc, Weak};
 
-use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow::array::{
+    ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampNanosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session as DfSession, TableProvider};
@@ -104,7 +107,15 @@ impl Weir {
 
     /// Registers the system relations in the DataFusion context.
     pub(super) fn register_system_tables(&self) -> datafusion::error::Result<()> {
-        for kind in [SystemKind::Topics, SystemKind::Subscriptions] {
+        for kind in [
+            SystemKind::Topics,
+            SystemKind::Subscriptions,
+            SystemKind::Sources,
+            SystemKind::SourceStats,
+            SystemKind::LateRows,
+            SystemKind::DeadLetters,
+            SystemKind::MaterializedViews,
+        ] {
             let table = SystemTable {
                 kind,
                 weir: Arc::downgrade(&self.inner),
@@ -121,6 +132,11 @@ impl Weir {
 enum SystemKind {
     Topics,
     Subscriptions,
+    Sources,
+    SourceStats,
+    LateRows,
+    DeadLetters,
+    MaterializedViews,
 }
 
 impl SystemKind {
@@ -128,6 +144,11 @@ impl SystemKind {
         match self {
             SystemKind::Topics => "weir_topics",
             SystemKind::Subscriptions => "weir_subscriptions",
+            SystemKind::Sources => "weir_sources",
+            SystemKind::SourceStats => "weir_source_stats",
+            SystemKind::LateRows => "weir_late_rows",
+            SystemKind::DeadLetters => "weir_dead_letters",
+            SystemKind::MaterializedViews => "weir_materialized_views",
         }
     }
 
@@ -151,12 +172,157 @@ impl SystemKind {
                 Field::new("redeliveries", DataType::Int64, false),
                 Field::new("dead_lettered", DataType::Int64, false),
             ],
+            SystemKind::Sources => vec![
+                Field::new("source", DataType::Utf8, false),
+                Field::new("topic", DataType::Utf8, false),
+                Field::new("format", DataType::Utf8, false),
+                Field::new("watermark", DataType::Utf8, true),
+                Field::new("delivery", DataType::Utf8, false),
+            ],
+            SystemKind::SourceStats => vec![
+                Field::new("source", DataType::Utf8, false),
+                Field::new("messages", DataType::Int64, false),
+                Field::new("dead_letters", DataType::Int64, false),
+                Field::new("late_rows", DataType::Int64, false),
+                Field::new("watermark", ts(), true),
+            ],
+            SystemKind::LateRows => vec![
+                Field::new("source", DataType::Utf8, false),
+                Field::new("partition", DataType::Int32, false),
+                Field::new("offset", DataType::Int64, false),
+                Field::new("event_time", ts(), false),
+                Field::new("watermark", ts(), false),
+            ],
+            SystemKind::DeadLetters => vec![
+                Field::new("source", DataType::Utf8, false),
+                Field::new("partition", DataType::Int32, false),
+                Field::new("offset", DataType::Int64, false),
+                Field::new("reason", DataType::Utf8, false),
+                Field::new("payload", DataType::Utf8, false),
+            ],
+            SystemKind::MaterializedViews => vec![
+                Field::new("view", DataType::Utf8, false),
+                Field::new("emit", DataType::Utf8, false),
+                Field::new("rows", DataType::Int64, false),
+                Field::new("status", DataType::Utf8, false),
+                Field::new("definition", DataType::Utf8, false),
+            ],
         };
         Arc::new(Schema::new(fields))
     }
 
     fn rows(&self, weir: &Weir) -> Vec<ArrayRef> {
         match self {
+            SystemKind::Sources => {
+                let s = weir.open_sources();
+                vec![
+                    strings(s.iter().map(|s| s.relation.name.clone())),
+                    strings(s.iter().map(|s| {
+                        s.topic_name
+                            .clone()
+                            .unwrap_or_else(|| format!("{} (own)", s.relation.name))
+                    })),
+                    strings(s.iter().map(|s| s.format.name().to_string())),
+                    Arc::new(StringArray::from_iter(
+                        s.iter().map(|s| s.watermark_text.clone()),
+                    )),
+                    strings(s.iter().map(|_| {
+                        "exactly once: views are rebuilt from the retained log".to_string()
+                    })),
+                ]
+            }
+            SystemKind::SourceStats => {
+                let s = weir.open_sources();
+                let snaps: Vec<_> = s.iter().map(|s| s.stats.snapshot()).collect();
+                vec![
+                    strings(s.iter().map(|s| s.relation.name.clone())),
+                    Arc::new(Int64Array::from_iter_values(
+                        snaps.iter().map(|x| x.messages as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        snaps.iter().map(|x| x.dead_letters as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        snaps.iter().map(|x| x.late_rows as i64),
+                    )),
+                    Arc::new(TimestampNanosecondArray::from_iter(
+                        snaps.iter().map(|x| x.watermark),
+                    )),
+                ]
+            }
+            SystemKind::LateRows => {
+                let mut rows = Vec::new();
+                for s in weir.open_sources() {
+                    for l in s.stats.snapshot().late {
+                        rows.push((s.relation.name.clone(), l));
+                    }
+                }
+                vec![
+                    strings(rows.iter().map(|(n, _)| n.clone())),
+                    Arc::new(Int32Array::from_iter_values(
+                        rows.iter().map(|(_, l)| l.partition as i32),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|(_, l)| l.offset as i64),
+                    )),
+                    Arc::new(TimestampNanosecondArray::from_iter_values(
+                        rows.iter().map(|(_, l)| l.event_time),
+                    )),
+                    Arc::new(TimestampNanosecondArray::from_iter_values(
+                        rows.iter().map(|(_, l)| l.watermark),
+                    )),
+                ]
+            }
+            SystemKind::DeadLetters => {
+                let mut rows = Vec::new();
+                for s in weir.open_sources() {
+                    for d in s.stats.snapshot().dead {
+                        rows.push((s.relation.name.clone(), d));
+                    }
+                }
+                vec![
+                    strings(rows.iter().map(|(n, _)| n.clone())),
+                    Arc::new(Int32Array::from_iter_values(
+                        rows.iter().map(|(_, d)| d.partition as i32),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|(_, d)| d.offset as i64),
+                    )),
+                    strings(rows.iter().map(|(_, d)| d.reason.clone())),
+                    strings(rows.iter().map(|(_, d)| d.payload_prefix.clone())),
+                ]
+            }
+            SystemKind::MaterializedViews => {
+                let v = weir.open_views();
+                let progress: Vec<_> = v
+                    .iter()
+                    .map(|v| {
+                        v.output
+                            .progress
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                    })
+                    .collect();
+                vec![
+                    strings(v.iter().map(|v| v.relation.name.clone())),
+                    strings(v.iter().map(|v| {
+                        if v.emit_on_window_close {
+                            "on window close".to_string()
+                        } else {
+                            "updating".to_string()
+                        }
+                    })),
+                    Arc::new(Int64Array::from_iter_values(
+                        progress.iter().map(|p| p.rows as i64),
+                    )),
+                    strings(progress.iter().map(|p| match &p.error {
+                        None => "running".to_string(),
+                        Some(e) => format!("stopped: {e}"),
+                    })),
+                    strings(v.iter().map(|v| v.relation.sql.clone())),
+                ]
+            }
             SystemKind::Topics => {
                 let r = weir.topic_stats();
                 vec![
@@ -207,6 +373,14 @@ impl SystemKind {
             }
         }
     }
+}
+
+fn ts() -> DataType {
+    DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None)
+}
+
+fn strings(values: impl Iterator<Item = String>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(values))
 }
 
 /// A relation computed from the engine's state when scanned. Holds the engine

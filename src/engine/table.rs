@@ -46,6 +46,8 @@ pub struct TableStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// The consolidated rows. Held only to take a snapshot or apply a change.
     state: Mutex<ZSetState>,
+    /// Notified after each change is applied; views reading the table wait on it. Never closed.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl fmt::Debug for TableStore {
@@ -88,11 +90,22 @@ impl TableStore {
             log,
             writer: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(state),
+            changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    /// The table's change log (views read their changes from it).
+    pub fn log(&self) -> Arc<Log> {
+        self.log.clone()
+    }
+
+    /// Notified after every applied change.
+    pub fn changed(&self) -> Arc<tokio::sync::Notify> {
+        self.changed.clone()
     }
 
     pub fn num_rows(&self) -> usize {
@@ -150,7 +163,9 @@ impl TableStore {
                 payload: Bytes::from(encode_change(&change)?),
             };
             store.log.append_durable(&[record]).map_err(log_error)?;
-            store.lock_state().apply(&change)
+            store.lock_state().apply(&change)?;
+            store.changed.notify_waiters();
+            Ok(())
         })
         .await
         .map_err(|e| WeirError::internal(format!("table writer task failed: {e}")))?

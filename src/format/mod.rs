@@ -5,5 +5,6 @@
 //! sockets itself.
 
 pub mod copy;
+pub mod decode;
 pub mod ipc;
 pub mod pgtext;

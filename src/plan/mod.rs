@@ -2,12 +2,14 @@
 //! what their parameters and result columns are, and how DataFusion's errors
 //! read to a PostgreSQL client.
 //!
-//! Streaming extension nodes (windows, watermarks) and the dataflow they
-//! compile to join this module with `CREATE MATERIALIZED VIEW`. It never
-//! executes anything or touches storage.
+//! `stream.rs` compiles a materialized view's plan into a streaming dataflow;
+//! `window.rs` holds the TUMBLE/HOP table functions both batch and streaming
+//! plans use. It never executes anything or touches storage.
 
 mod errors;
 mod names;
+pub mod stream;
+pub mod window;
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::error::Result as DFResult;

@@ -7,7 +7,6 @@
 
 mod http;
 mod pgwire;
-mod task;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::engine::{Weir, WeirConfig};
 use crate::types::{SqlState, WeirError, WeirResult};
-pub use task::TaskHandle;
+pub use crate::engine::TaskHandle;
 
 /// Where to listen and where the data lives.
 #[derive(Debug, Clone)]

@@ -17,7 +17,9 @@ use crate::types::{SqlState, WeirError, WeirResult};
 mod rewrite;
 mod weir;
 
-pub use weir::{Options, SeekTarget, WeirStatement, parse_bytes, parse_duration_ms};
+pub use weir::{
+    Options, SeekTarget, WatermarkDef, WeirStatement, parse_bytes, parse_duration_ms,
+};
 
 /// One parsed statement: PostgreSQL's grammar (sqlparser) or Weir's own.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +79,13 @@ impl SqlParser {
 
     /// Parses PostgreSQL-grammar text with sqlparser.
     pub fn parse_sql(&self, text: &str) -> WeirResult<Vec<ast::Statement>> {
+        let flink;
+        let text = if text.to_ascii_uppercase().contains("DESCRIPTOR") {
+            flink = flink_windows(text);
+            flink.as_str()
+        } else {
+            text
+        };
         // The plain parse keeps token positions, so syntax errors can point at
         // the offending character; the compatibility parse then rewrites.
         let statements = match Parser::parse_sql(&PostgreSqlDialect {}, text) {
@@ -94,6 +103,76 @@ impl SqlParser {
         };
         Ok(statements.into_iter().map(rewrite::rewrite).collect())
     }
+}
+
+/// Rewrites Flink's window table functions, `TABLE(TUMBLE(TABLE src, DESCRIPTOR(ts), size))`,
+/// into the RisingWave form Weir plans, `TUMBLE(src, ts, size)` (likewise HOP and SESSION).
+/// Text that does not tokenize is returned unchanged for the parser to report.
+pub fn flink_windows(text: &str) -> String {
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, text).tokenize() else {
+        return text.to_string();
+    };
+    let is_word = |t: &Token, w: &str| matches!(t, Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w));
+    // Index of the next non-whitespace token at or after `i`.
+    let next = |mut i: usize| {
+        while i < tokens.len() && matches!(tokens[i], Token::Whitespace(_)) {
+            i += 1;
+        }
+        i
+    };
+    let mut out = String::with_capacity(text.len());
+    // Depths at which a dropped `TABLE(` wrapper's closing parenthesis is expected.
+    let mut drop_close: Vec<usize> = Vec::new();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < tokens.len() {
+        let t = &tokens[i];
+        if is_word(t, "TABLE") {
+            let a = next(i + 1);
+            let b = next(a + 1);
+            let wraps_window = tokens.get(a) == Some(&Token::LParen)
+                && tokens.get(b).is_some_and(|t| {
+                    ["TUMBLE", "HOP", "SESSION"].iter().any(|w| is_word(t, w))
+                });
+            if wraps_window {
+                depth += 1;
+                drop_close.push(depth);
+                i = a + 1;
+                continue;
+            }
+            // `TABLE src` inside the window function: keep only the name.
+            if tokens.get(a).is_some_and(|t| matches!(t, Token::Word(_))) {
+                i = a;
+                continue;
+            }
+        }
+        if is_word(t, "DESCRIPTOR") {
+            let a = next(i + 1);
+            let b = next(a + 1);
+            let c = next(b + 1);
+            if tokens.get(a) == Some(&Token::LParen) && tokens.get(c) == Some(&Token::RParen) {
+                out.push_str(&tokens[b].to_string());
+                i = c + 1;
+                continue;
+            }
+        }
+        match t {
+            Token::LParen => depth += 1,
+            Token::RParen => {
+                if drop_close.last() == Some(&depth) {
+                    drop_close.pop();
+                    depth -= 1;
+                    i += 1;
+                    continue;
+                }
+                depth = depth.saturating_sub(1);
+            }
+            _ => {}
+        }
+        out.push_str(&t.to_string());
+        i += 1;
+    }
+    out
 }
 
 /// Splits text at top-level `;` (not inside strings, identifiers or

@@ -1,4 +1,5 @@
-//! Weir's own statements (topics and subscriptions), which PostgreSQL's
+//! Weir's own statements (topics, subscriptions, sources, materialized views,
+//! `FLUSH`), which PostgreSQL's
 //! grammar does not have. They are recognised by their leading words and
 //! parsed from sqlparser's tokens; everything else goes to sqlparser.
 
@@ -72,6 +73,52 @@ pub enum WeirStatement {
         subscription: String,
         to: SeekTarget,
     },
+    /// `CREATE SOURCE name (column defs, WATERMARK FOR col AS expr) WITH (...) FORMAT JSON|CSV`.
+    CreateSource {
+        name: String,
+        if_not_exists: bool,
+        /// Column definitions as written (`price BIGINT NOT NULL`), parsed by the engine.
+        columns: Vec<String>,
+        watermark: Option<WatermarkDef>,
+        options: Options,
+        /// `JSON` or `CSV`, upper-cased.
+        format: String,
+    },
+    DropSource {
+        name: String,
+        if_exists: bool,
+        cascade: bool,
+    },
+    ShowSources,
+    /// `CREATE MATERIALIZED VIEW name AS query [EMIT ON WINDOW CLOSE]`.
+    CreateMaterializedView {
+        name: String,
+        if_not_exists: bool,
+        /// The query text as written.
+        query: String,
+        emit_on_window_close: bool,
+    },
+    DropMaterializedView {
+        name: String,
+        if_exists: bool,
+        cascade: bool,
+    },
+    ShowMaterializedViews,
+    /// `EXPLAIN CREATE MATERIALIZED VIEW ...`: the dataflow it would run.
+    ExplainMaterializedView {
+        query: String,
+        emit_on_window_close: bool,
+    },
+    /// Waits until every view reflects every message accepted before it.
+    Flush,
+}
+
+/// `WATERMARK FOR column AS expression`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatermarkDef {
+    pub column: String,
+    /// The expression as written, e.g. `ts - INTERVAL '5' SECOND`.
+    pub expr: String,
 }
 
 fn options_text(options: &Options) -> String {
@@ -166,6 +213,76 @@ impl fmt::Display for WeirStatement {
                 };
                 write!(f, "SEEK SUBSCRIPTION {subscription} TO {to}")
             }
+            WeirStatement::CreateSource {
+                name,
+                if_not_exists,
+                columns,
+                watermark,
+                options,
+                format,
+            } => {
+                let ine = if *if_not_exists { "IF NOT EXISTS " } else { "" };
+                let mut items = columns.clone();
+                if let Some(w) = watermark {
+                    items.push(format!("WATERMARK FOR {} AS {}", w.column, w.expr));
+                }
+                let cols = if items.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", items.join(", "))
+                };
+                write!(
+                    f,
+                    "CREATE SOURCE {ine}{name}{cols}{} FORMAT {format}",
+                    options_text(options)
+                )
+            }
+            WeirStatement::DropSource {
+                name,
+                if_exists,
+                cascade,
+            } => {
+                let ie = if *if_exists { "IF EXISTS " } else { "" };
+                let c = if *cascade { " CASCADE" } else { "" };
+                write!(f, "DROP SOURCE {ie}{name}{c}")
+            }
+            WeirStatement::ShowSources => write!(f, "SHOW SOURCES"),
+            WeirStatement::CreateMaterializedView {
+                name,
+                if_not_exists,
+                query,
+                emit_on_window_close,
+            } => {
+                let ine = if *if_not_exists { "IF NOT EXISTS " } else { "" };
+                let emit = if *emit_on_window_close {
+                    " EMIT ON WINDOW CLOSE"
+                } else {
+                    ""
+                };
+                write!(f, "CREATE MATERIALIZED VIEW {ine}{name} AS {query}{emit}")
+            }
+            WeirStatement::DropMaterializedView {
+                name,
+                if_exists,
+                cascade,
+            } => {
+                let ie = if *if_exists { "IF EXISTS " } else { "" };
+                let c = if *cascade { " CASCADE" } else { "" };
+                write!(f, "DROP MATERIALIZED VIEW {ie}{name}{c}")
+            }
+            WeirStatement::ShowMaterializedViews => write!(f, "SHOW MATERIALIZED VIEWS"),
+            WeirStatement::ExplainMaterializedView {
+                query,
+                emit_on_window_close,
+            } => {
+                let emit = if *emit_on_window_close {
+                    " EMIT ON WINDOW CLOSE"
+                } else {
+                    ""
+                };
+                write!(f, "EXPLAIN CREATE MATERIALIZED VIEW v AS {query}{emit}")
+            }
+            WeirStatement::Flush => write!(f, "FLUSH"),
         }
     }
 }
@@ -193,11 +310,18 @@ pub fn is_weir_statement(text: &str) -> bool {
             | ("SHOW", "TOPICS" | "SUBSCRIPTIONS")
             | ("ACK" | "NACK" | "SEEK", "SUBSCRIPTION")
             | ("COMMIT", "SUBSCRIPTION")
+            | ("CREATE" | "DROP", "SOURCE" | "MATERIALIZED")
+            | ("SHOW", "SOURCES" | "MATERIALIZED")
+            | ("FLUSH", "")
     ) || (w(0) == "FETCH" && (w(2) == "SUBSCRIPTION" || w(3) == "SUBSCRIPTION"))
+        || (w(0) == "EXPLAIN" && w(1) == "CREATE" && w(2) == "MATERIALIZED")
 }
 
 /// Parses one Weir statement (no trailing `;`).
 pub fn parse_weir(text: &str) -> WeirResult<WeirStatement> {
+    if let Some(statement) = materialized_view(text)? {
+        return Ok(statement);
+    }
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, text)
         .tokenize()
         .map_err(|e| syntax(format!("{e}")))?;
@@ -215,7 +339,82 @@ pub fn parse_weir(text: &str) -> WeirResult<WeirStatement> {
 
 fn syntax(message: impl Into<String>) -> WeirError {
     WeirError::new(SqlState::SYNTAX_ERROR, message)
-        .with_hint("see docs/queue.md for the statement's form")
+        .with_hint("see docs/queue.md and docs/sql.md for the statement's form")
+}
+
+/// `[EXPLAIN] CREATE MATERIALIZED VIEW [IF NOT EXISTS] name AS query [EMIT ON WINDOW CLOSE]`:
+/// the query keeps its text as written (whitespace and comments included), so the engine
+/// hands it to sqlparser and DataFusion unchanged. `None` when `text` is another statement.
+fn materialized_view(text: &str) -> WeirResult<Option<WeirStatement>> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, text)
+        .tokenize()
+        .map_err(|e| syntax(format!("{e}")))?;
+    let significant: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !matches!(tokens[i], Token::Whitespace(_) | Token::SemiColon))
+        .collect();
+    let word = |k: usize, w: &str| -> bool {
+        significant.get(k).is_some_and(|&i| {
+            matches!(&tokens[i], Token::Word(x) if x.quote_style.is_none() && x.value.eq_ignore_ascii_case(w))
+        })
+    };
+    let explain = word(0, "EXPLAIN");
+    let base = usize::from(explain);
+    if !(word(base, "CREATE") && word(base + 1, "MATERIALIZED")) {
+        return Ok(None);
+    }
+    if !word(base + 2, "VIEW") {
+        return Err(syntax("syntax error: expected CREATE MATERIALIZED VIEW"));
+    }
+    let mut k = base + 3;
+    let if_not_exists = word(k, "IF") && word(k + 1, "NOT") && word(k + 2, "EXISTS");
+    if if_not_exists {
+        k += 3;
+    }
+    let name = {
+        let sig: Vec<Token> = significant.iter().map(|&i| tokens[i].clone()).collect();
+        let mut cursor = Cursor {
+            tokens: sig,
+            pos: k,
+        };
+        let name = cursor.name()?;
+        k = cursor.pos;
+        name
+    };
+    if !word(k, "AS") {
+        return Err(syntax(
+            "syntax error in CREATE MATERIALIZED VIEW: expected AS after the view's name",
+        ));
+    }
+    let mut end = significant.len();
+    let emit_on_window_close = end >= k + 5
+        && word(end - 4, "EMIT")
+        && word(end - 3, "ON")
+        && word(end - 2, "WINDOW")
+        && word(end - 1, "CLOSE");
+    if emit_on_window_close {
+        end -= 4;
+    }
+    if end <= k + 1 {
+        return Err(syntax(
+            "syntax error at end of input: expected a query after AS",
+        ));
+    }
+    let first = significant[k + 1];
+    let last = significant[end - 1];
+    let query: String = tokens[first..=last].iter().map(|t| t.to_string()).collect();
+    Ok(Some(if explain {
+        WeirStatement::ExplainMaterializedView {
+            query,
+            emit_on_window_close,
+        }
+    } else {
+        WeirStatement::CreateMaterializedView {
+            name,
+            if_not_exists,
+            query,
+            emit_on_window_close,
+        }
+    }))
 }
 
 struct Cursor {
@@ -372,8 +571,78 @@ impl Cursor {
         Ok(ids)
     }
 
+    /// `CASCADE` or `RESTRICT` (the default) at the end of a DROP.
+    fn cascade(&mut self) -> WeirResult<bool> {
+        if self.eat("CASCADE") {
+            return Ok(true);
+        }
+        self.eat("RESTRICT");
+        Ok(false)
+    }
+
+    /// After `CREATE SOURCE`: `[IF NOT EXISTS] name [(defs)] [WITH (...)] [FORMAT f]`.
+    fn create_source(&mut self) -> WeirResult<WeirStatement> {
+        let if_not_exists = self.if_not_exists()?;
+        let name = self.name()?;
+        let mut columns = Vec::new();
+        let mut watermark = None;
+        if self.peek() == Some(&Token::LParen) {
+            self.pos += 1;
+            let mut item: Vec<Token> = Vec::new();
+            let mut depth = 0usize;
+            loop {
+                let Some(token) = self.next() else {
+                    return Err(syntax("syntax error at end of input: expected )"));
+                };
+                let top_end = depth == 0 && matches!(token, Token::Comma | Token::RParen);
+                if top_end {
+                    if item.is_empty() {
+                        return Err(syntax("syntax error: empty column definition"));
+                    }
+                    let is_watermark = matches!(&item[0], Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("WATERMARK"));
+                    if is_watermark {
+                        watermark = Some(watermark_def(&item)?);
+                    } else {
+                        columns.push(join_tokens(&item));
+                    }
+                    item.clear();
+                    if token == Token::RParen {
+                        break;
+                    }
+                    continue;
+                }
+                match token {
+                    Token::LParen => depth += 1,
+                    Token::RParen => depth -= 1,
+                    _ => {}
+                }
+                item.push(token);
+            }
+        }
+        let options = self.with_options()?;
+        let format = if self.eat("FORMAT") {
+            self.name()?.to_ascii_uppercase()
+        } else {
+            "JSON".to_string()
+        };
+        Ok(WeirStatement::CreateSource {
+            name,
+            if_not_exists,
+            columns,
+            watermark,
+            options,
+            format,
+        })
+    }
+
     fn statement(&mut self) -> WeirResult<WeirStatement> {
+        if self.eat("FLUSH") {
+            return Ok(WeirStatement::Flush);
+        }
         if self.eat("CREATE") {
+            if self.eat("SOURCE") {
+                return self.create_source();
+            }
             if self.eat("TOPIC") {
                 let if_not_exists = self.if_not_exists()?;
                 let name = self.name()?;
@@ -399,6 +668,27 @@ impl Cursor {
             });
         }
         if self.eat("DROP") {
+            if self.eat("SOURCE") {
+                let if_exists = self.if_exists()?;
+                let name = self.name()?;
+                let cascade = self.cascade()?;
+                return Ok(WeirStatement::DropSource {
+                    name,
+                    if_exists,
+                    cascade,
+                });
+            }
+            if self.eat("MATERIALIZED") {
+                self.expect("VIEW")?;
+                let if_exists = self.if_exists()?;
+                let name = self.name()?;
+                let cascade = self.cascade()?;
+                return Ok(WeirStatement::DropMaterializedView {
+                    name,
+                    if_exists,
+                    cascade,
+                });
+            }
             if self.eat("TOPIC") {
                 let if_exists = self.if_exists()?;
                 return Ok(WeirStatement::DropTopic {
@@ -421,6 +711,13 @@ impl Cursor {
             return Ok(WeirStatement::AlterTopic { name, options });
         }
         if self.eat("SHOW") {
+            if self.eat("SOURCES") {
+                return Ok(WeirStatement::ShowSources);
+            }
+            if self.eat("MATERIALIZED") {
+                self.expect("VIEWS")?;
+                return Ok(WeirStatement::ShowMaterializedViews);
+            }
             if self.eat("TOPICS") {
                 return Ok(WeirStatement::ShowTopics);
             }
@@ -488,11 +785,52 @@ impl Cursor {
     }
 }
 
+/// Tokens back to text, one space between them.
+fn join_tokens(tokens: &[Token]) -> String {
+    tokens
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `WATERMARK FOR col AS expr` from its tokens.
+fn watermark_def(item: &[Token]) -> WeirResult<WatermarkDef> {
+    let mut cursor = Cursor {
+        tokens: item.to_vec(),
+        pos: 1,
+    };
+    cursor.expect("FOR")?;
+    let column = cursor.name()?;
+    cursor.expect("AS")?;
+    let rest = &item[cursor.pos..];
+    if rest.is_empty() {
+        return Err(syntax(
+            "syntax error in WATERMARK: expected an expression such as ts - INTERVAL '5' SECOND",
+        ));
+    }
+    Ok(WatermarkDef {
+        column,
+        expr: join_tokens(rest),
+    })
+}
+
 /// Words that cannot be bare names here.
 fn is_reserved(word: &str) -> bool {
     matches!(
         word.to_ascii_uppercase().as_str(),
-        "WITH" | "ON" | "FROM" | "TO" | "WAIT" | "SET" | "IF" | "TOPIC" | "SUBSCRIPTION"
+        "WITH"
+            | "ON"
+            | "FROM"
+            | "TO"
+            | "WAIT"
+            | "SET"
+            | "IF"
+            | "TOPIC"
+            | "SUBSCRIPTION"
+            | "FORMAT"
+            | "AS"
+            | "CASCADE"
     )
 }
 

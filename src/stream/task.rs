@@ -1,4 +1,5 @@
-//! The one way Weir spawns tasks: named, logged, aborted when the handle drops.
+//! The one way Weir spawns tasks: named, logged, aborted when the handle drops. (Dataflows run
+//! on threads of their own, see `runtime.rs`.)
 
 use std::future::Future;
 

@@ -1,0 +1,52 @@
+//! The [`Source`] contract between connectors and the streaming runtime.
+
+use async_trait::async_trait;
+
+use crate::types::{ChangeBatch, WeirResult};
+
+/// A message that did not decode: it goes to the dead-letter table, the source goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadMessage {
+    pub partition: u32,
+    pub offset: u64,
+    pub reason: String,
+    /// The first bytes of the payload, as text (lossy), at most 256 bytes.
+    pub payload_prefix: String,
+}
+
+/// What one [`Source::poll`] read from one partition.
+#[derive(Debug)]
+pub struct SourceChunk {
+    pub partition: u32,
+    /// The decoded rows, in offset order (weights only for updating sources: tables).
+    pub changes: ChangeBatch,
+    /// The offset of each row's message (a table: its log record).
+    pub offsets: Vec<u64>,
+    /// Messages of this chunk that did not decode.
+    pub bad: Vec<BadMessage>,
+}
+
+/// A stream of decoded rows with positions.
+///
+/// Contract:
+/// - `poll` never blocks on the network or waits for new data: it returns what is durable now,
+///   in per-partition offset order, or `None` once it has read everything published so far.
+///   It may block briefly on local disk; the runtime calls it from a blocking-capable task.
+/// - Every message read is accounted for exactly once: as a row of `changes` or as a
+///   [`BadMessage`]. A retention gap is skipped (reading resumes at the oldest retained offset).
+/// - `positions()[p]` is the next offset to read in partition `p`; `published()[p]` the offset
+///   after the newest durable message. The runtime is caught up with a point in time when every
+///   position has reached what `published()` said then (`FLUSH` is built on this).
+/// - `wait` returns when something new may be readable or at the deadline; cancel-safe.
+/// - Sources know nothing of barriers or watermarks: the runtime derives watermarks from the
+///   rows' event times.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// The next rows, at most about `max_messages` messages' worth.
+    fn poll(&mut self, max_messages: usize) -> WeirResult<Option<SourceChunk>>;
+    fn positions(&self) -> Vec<u64>;
+    fn published(&self) -> Vec<u64>;
+    async fn wait(&self, deadline: tokio::time::Instant);
+    /// Whether rows are only ever inserted (topics) rather than also retracted (tables).
+    fn append_only(&self) -> bool;
+}

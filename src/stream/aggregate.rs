@@ -1,0 +1,601 @@
+//! [`AggregateOperator`]: `GROUP BY` kept up to date incrementally with DataFusion's
+//! accumulators, correct under retraction, with windows closed by the watermark.
+//!
+//! Per group it keeps one accumulator per aggregate, in one of three ways, chosen per
+//! aggregate when the operator is built:
+//! - *append*: the input never retracts; `update_batch` only (any function);
+//! - *retract*: the input may retract and the function is invertible (count, sum, avg, and
+//!   count(DISTINCT) through DataFusion's sliding accumulators); `update_batch` and
+//!   `retract_batch`;
+//! - *recompute*: the input may retract and the function is not invertible (min, max,
+//!   string_agg, bool_and, ...), or is one whose `evaluate` may consume its state: the group
+//!   keeps the multiset of its argument values and evaluates a fresh accumulator over them
+//!   when it changes. So `min`/`max` fall back to the next value when the current one is
+//!   deleted.
+//!
+//! After each input batch an updating aggregate emits, for each group whose result changed,
+//! the retraction of its previous row and its new row; a group whose rows are all retracted
+//! disappears, except the single group of a global aggregate, which always has a row (count 0,
+//! sum NULL), as in batch SQL. When the group key holds a window (`window_end`, or
+//! `window_start` + size), a watermark at or past the window's end closes it: with
+//! `EMIT ON WINDOW CLOSE` the group's final row is emitted then (and never before); either way
+//! its state is freed. Rows for closed windows cannot arrive: windowed inputs drop late rows.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, TimestampNanosecondArray, UInt32Array};
+use arrow::compute::take;
+use arrow::datatypes::SchemaRef;
+use arrow::row::{RowConverter, Rows, SortField};
+use datafusion::logical_expr::Accumulator;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::scalar::ScalarValue;
+
+use super::project::eval_error;
+use super::{EventTime, NO_WATERMARK, Operator};
+use crate::types::{ChangeBatch, WeirError, WeirResult};
+
+/// When results leave the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggregateMode {
+    /// After every batch, as retraction + new row.
+    Updating,
+    /// Once per window, when the watermark passes its end.
+    EmitOnWindowClose,
+}
+
+/// Which group-by column is a window bound, and how to get the window's end from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowKey {
+    /// Index into the group-by expressions.
+    pub group_index: usize,
+    /// Added to the column's value to get the window's end (0 for `window_end`, the window
+    /// size for `window_start`).
+    pub end_offset_ns: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AccKind {
+    Append,
+    Retract,
+    Recompute,
+}
+
+/// Functions whose `evaluate` leaves the accumulator usable and whose plain accumulator can
+/// take further `update_batch` calls after it.
+const REUSABLE: &[&str] = &[
+    "count", "sum", "avg", "mean", "min", "max", "bool_and", "bool_or", "bit_and", "bit_or",
+    "bit_xor",
+];
+/// Functions whose sliding accumulator retracts any earlier value, in any order.
+const INVERTIBLE: &[&str] = &["count", "sum", "avg", "mean"];
+
+struct Agg {
+    expr: Arc<AggregateFunctionExpr>,
+    filter: Option<Arc<dyn PhysicalExpr>>,
+    kind: AccKind,
+    /// Encodes argument rows for the recompute multiset.
+    converter: Option<RowConverter>,
+}
+
+struct Group {
+    key: Vec<ScalarValue>,
+    /// `key` in the row format: its entry in `AggregateOperator::index`.
+    encoded: Box<[u8]>,
+    /// Sum of the weights of its input rows.
+    count: i64,
+    /// Per aggregate; `None` for recompute aggregates.
+    accs: Vec<Option<Box<dyn Accumulator>>>,
+    /// Per aggregate: argument rows → multiplicity (recompute aggregates only).
+    values: Vec<BTreeMap<Vec<u8>, i64>>,
+    /// The aggregate values last emitted (None: no row emitted, or retracted).
+    emitted: Option<Vec<ScalarValue>>,
+    window_end: Option<EventTime>,
+    dirty: bool,
+}
+
+pub struct AggregateOperator {
+    group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+    group_names: Vec<String>,
+    aggs: Vec<Agg>,
+    schema: SchemaRef,
+    mode: AggregateMode,
+    window: Option<WindowKey>,
+    key_converter: RowConverter,
+    /// Group key (row format) → slot in `groups`.
+    index: HashMap<Box<[u8]>, usize>,
+    groups: Vec<Option<Group>>,
+    free: Vec<usize>,
+    /// Window end → slots of the groups of that window.
+    closing: BTreeMap<EventTime, Vec<usize>>,
+    watermark: EventTime,
+}
+
+impl AggregateOperator {
+    /// `append_only`: whether the input never retracts. `schema`: the output (group columns,
+    /// then aggregates).
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_new(
+        group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+        group_names: Vec<String>,
+        aggs: Vec<(Arc<AggregateFunctionExpr>, Option<Arc<dyn PhysicalExpr>>)>,
+        input_schema: &arrow::datatypes::Schema,
+        schema: SchemaRef,
+        mode: AggregateMode,
+        window: Option<WindowKey>,
+        append_only: bool,
+    ) -> WeirResult<Self> {
+        let key_fields = group_exprs
+            .iter()
+            .map(|e| {
+                e.data_type(input_schema)
+                    .map(SortField::new)
+                    .map_err(eval_error)
+            })
+            .collect::<WeirResult<Vec<_>>>()?;
+        let key_converter = RowConverter::new(key_fields).map_err(|e| {
+            WeirError::unsupported(
+                format!("cannot group by these column types: {e}"),
+                "group by scalar columns (numbers, text, timestamps)",
+            )
+        })?;
+        let aggs = aggs
+            .into_iter()
+            .map(|(expr, filter)| {
+                let name = expr.fun().name().to_ascii_lowercase();
+                let kind = if append_only && REUSABLE.contains(&name.as_str()) {
+                    AccKind::Append
+                } else if !append_only && INVERTIBLE.contains(&name.as_str()) {
+                    AccKind::Retract
+                } else {
+                    AccKind::Recompute
+                };
+                let converter = if kind == AccKind::Recompute {
+                    let fields = expr
+                        .expressions()
+                        .iter()
+                        .map(|e| e.data_type(input_schema).map(SortField::new))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(eval_error)?;
+                    Some(RowConverter::new(fields).map_err(|e| {
+                        WeirError::unsupported(
+                            format!("cannot keep values of {name}'s argument types: {e}"),
+                            "aggregate scalar columns",
+                        )
+                    })?)
+                } else {
+                    None
+                };
+                Ok(Agg {
+                    expr,
+                    filter,
+                    kind,
+                    converter,
+                })
+            })
+            .collect::<WeirResult<Vec<_>>>()?;
+        Ok(AggregateOperator {
+            group_exprs,
+            group_names,
+            aggs,
+            schema,
+            mode,
+            window,
+            key_converter,
+            index: HashMap::new(),
+            groups: Vec::new(),
+            free: Vec::new(),
+            closing: BTreeMap::new(),
+            watermark: NO_WATERMARK,
+        })
+    }
+
+    fn is_global(&self) -> bool {
+        self.group_exprs.is_empty()
+    }
+
+    fn new_accumulators(&self) -> WeirResult<Vec<Option<Box<dyn Accumulator>>>> {
+        self.aggs
+            .iter()
+            .map(|a| match a.kind {
+                AccKind::Append => a.expr.create_accumulator().map(Some),
+                AccKind::Retract => a.expr.create_sliding_accumulator().map(Some),
+                AccKind::Recompute => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(eval_error)
+    }
+
+    /// The slot of the group of row `row`, created if new.
+    fn slot(&mut self, keys: &Rows, key_arrays: &[ArrayRef], row: usize) -> WeirResult<usize> {
+        let encoded = keys.row(row);
+        if let Some(&slot) = self.index.get(encoded.as_ref()) {
+            return Ok(slot);
+        }
+        let key = key_arrays
+            .iter()
+            .map(|a| ScalarValue::try_from_array(a, row))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(eval_error)?;
+        let window_end = match self.window {
+            Some(w) => {
+                let column = key_arrays[w.group_index]
+                    .as_any()
+                    .downcast_ref::<TimestampNanosecondArray>()
+                    .ok_or_else(|| WeirError::internal("window key is not timestamp(ns)"))?;
+                Some(column.value(row).saturating_add(w.end_offset_ns))
+            }
+            None => None,
+        };
+        let group = Group {
+            key,
+            encoded: encoded.as_ref().into(),
+            count: 0,
+            accs: self.new_accumulators()?,
+            values: vec![BTreeMap::new(); self.aggs.len()],
+            emitted: None,
+            window_end,
+            dirty: false,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.groups[s] = Some(group);
+                s
+            }
+            None => {
+                self.groups.push(Some(group));
+                self.groups.len() - 1
+            }
+        };
+        self.index.insert(encoded.as_ref().into(), slot);
+        if let Some(end) = window_end {
+            self.closing.entry(end).or_default().push(slot);
+        }
+        Ok(slot)
+    }
+
+    fn remove(&mut self, slot: usize) -> WeirResult<()> {
+        if let Some(group) = self.groups[slot].take() {
+            self.index.remove(&group.encoded);
+            self.free.push(slot);
+        }
+        Ok(())
+    }
+
+    /// The aggregate values of a group now.
+    fn evaluate(&self, group: &mut Group) -> WeirResult<Vec<ScalarValue>> {
+        let mut values = Vec::with_capacity(self.aggs.len());
+        for (a, agg) in self.aggs.iter().enumerate() {
+            let value = match &mut group.accs[a] {
+                Some(acc) => acc.evaluate().map_err(eval_error)?,
+                None => {
+                    let mut acc = agg.expr.create_accumulator().map_err(eval_error)?;
+                    let converter = agg
+                        .converter
+                        .as_ref()
+                        .ok_or_else(|| WeirError::internal("recompute aggregate without converter"))?;
+                    if !group.values[a].is_empty() {
+                        let mut rows = converter.empty_rows(group.values[a].len(), 64);
+                        let parser = converter.parser();
+                        for (bytes, &n) in &group.values[a] {
+                            for _ in 0..n {
+                                rows.push(parser.parse(bytes));
+                            }
+                        }
+                        let columns = converter
+                            .convert_rows(&rows)
+                            .map_err(|e| WeirError::internal(format!("aggregate values: {e}")))?;
+                        acc.update_batch(&columns).map_err(eval_error)?;
+                    }
+                    acc.evaluate().map_err(eval_error)?
+                }
+            };
+            values.push(value);
+        }
+        Ok(values)
+    }
+
+    /// Output rows for `(key, values, weight)` triples.
+    fn rows(&self, rows: Vec<(Vec<ScalarValue>, Vec<ScalarValue>, i64)>) -> WeirResult<ChangeBatch> {
+        let n_keys = self.group_exprs.len();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        for c in 0..self.schema.fields().len() {
+            let values = rows.iter().map(|(k, v, _)| {
+                if c < n_keys {
+                    k[c].clone()
+                } else {
+                    v[c - n_keys].clone()
+                }
+            });
+            let array = if rows.is_empty() {
+                arrow::array::new_empty_array(self.schema.field(c).data_type())
+            } else {
+                ScalarValue::iter_to_array(values).map_err(eval_error)?
+            };
+            let want = self.schema.field(c).data_type();
+            let array = if array.data_type() != want {
+                arrow::compute::cast(&array, want)
+                    .map_err(|e| WeirError::internal(format!("aggregate output type: {e}")))?
+            } else {
+                array
+            };
+            columns.push(array);
+        }
+        let weights: Vec<i64> = rows.iter().map(|(_, _, w)| *w).collect();
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| WeirError::internal(format!("aggregate output: {e}")))?;
+        Ok(ChangeBatch {
+            rows: batch,
+            weights: Some(arrow::array::Int64Array::from(weights)),
+        })
+    }
+
+    /// Emits what changed in the dirty groups (updating mode) and drops empty groups.
+    fn emit_dirty(&mut self, dirty: Vec<usize>, out: &mut Vec<ChangeBatch>) -> WeirResult<()> {
+        let mut rows = Vec::new();
+        for slot in dirty {
+            let Some(mut group) = self.groups[slot].take() else { continue };
+            group.dirty = false;
+            let alive = group.count > 0 || self.is_global();
+            if group.count < 0 {
+                return Err(WeirError::internal(
+                    "aggregate group retracted more rows than it received",
+                ));
+            }
+            if self.mode == AggregateMode::Updating {
+                let new = if alive {
+                    Some(self.evaluate(&mut group)?)
+                } else {
+                    None
+                };
+                if new != group.emitted {
+                    if let Some(old) = group.emitted.take() {
+                        rows.push((group.key.clone(), old, -1));
+                    }
+                    if let Some(new) = &new {
+                        rows.push((group.key.clone(), new.clone(), 1));
+                    }
+                    group.emitted = new;
+                }
+            }
+            self.groups[slot] = Some(group);
+            if !alive {
+                self.remove(slot)?;
+            }
+        }
+        if !rows.is_empty() {
+            out.push(self.rows(rows)?);
+        }
+        Ok(())
+    }
+}
+
+impl Operator for AggregateOperator {
+    fn describe(&self) -> String {
+        let aggs: Vec<String> = self
+            .aggs
+            .iter()
+            .map(|a| {
+                let kind = match a.kind {
+                    AccKind::Append => "append",
+                    AccKind::Retract => "retract",
+                    AccKind::Recompute => "recompute",
+                };
+                format!("{} [{kind}]", a.expr.name())
+            })
+            .collect();
+        let mode = match self.mode {
+            AggregateMode::Updating => "updating",
+            AggregateMode::EmitOnWindowClose => "emit on window close",
+        };
+        let window = match self.window {
+            Some(w) => format!(", window key: {}", self.group_names[w.group_index]),
+            None => String::new(),
+        };
+        format!(
+            "Aggregate: keys=[{}], aggregates=[{}], mode={mode}{window}",
+            self.group_names.join(", "),
+            aggs.join(", ")
+        )
+    }
+
+    fn on_start(&mut self, out: &mut Vec<ChangeBatch>) -> WeirResult<()> {
+        if self.is_global() {
+            let group = Group {
+                key: Vec::new(),
+                encoded: Box::from(&[][..]),
+                count: 0,
+                accs: self.new_accumulators()?,
+                values: vec![BTreeMap::new(); self.aggs.len()],
+                emitted: None,
+                window_end: None,
+                dirty: false,
+            };
+            self.groups.push(Some(group));
+            self.index.insert(Box::from(&[][..]), 0);
+            self.emit_dirty(vec![0], out)?;
+        }
+        Ok(())
+    }
+
+    fn on_batch(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<()> {
+        let rows = &batch.rows;
+        let n = rows.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let key_arrays = self
+            .group_exprs
+            .iter()
+            .map(|e| e.evaluate(rows).and_then(|v| v.into_array(n)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(eval_error)?;
+        // Group rows by slot, splitting inserts from retractions.
+        let mut per_group: Vec<(usize, Vec<u32>, Vec<u32>)> = Vec::new();
+        let mut position: HashMap<usize, usize> = HashMap::new();
+        let keys = if key_arrays.is_empty() {
+            None
+        } else {
+            Some(
+                self.key_converter
+                    .convert_columns(&key_arrays)
+                    .map_err(|e| WeirError::internal(format!("group key: {e}")))?,
+            )
+        };
+        for row in 0..n {
+            let slot = match &keys {
+                Some(keys) => self.slot(keys, &key_arrays, row)?,
+                None => 0,
+            };
+            let at = *position.entry(slot).or_insert_with(|| {
+                per_group.push((slot, Vec::new(), Vec::new()));
+                per_group.len() - 1
+            });
+            let weight = batch.weights.as_ref().map_or(1, |w| w.value(row));
+            for _ in 0..weight.unsigned_abs() {
+                if weight > 0 {
+                    per_group[at].1.push(row as u32);
+                } else {
+                    per_group[at].2.push(row as u32);
+                }
+            }
+        }
+        // Arguments of every aggregate, with its FILTER applied as a mask.
+        let mut args: Vec<Vec<ArrayRef>> = Vec::with_capacity(self.aggs.len());
+        let mut masks: Vec<Option<arrow::array::BooleanArray>> = Vec::with_capacity(self.aggs.len());
+        for agg in &self.aggs {
+            args.push(
+                agg.expr
+                    .expressions()
+                    .iter()
+                    .map(|e| e.evaluate(rows).and_then(|v| v.into_array(n)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(eval_error)?,
+            );
+            masks.push(match &agg.filter {
+                Some(f) => {
+                    let m = f
+                        .evaluate(rows)
+                        .and_then(|v| v.into_array(n))
+                        .map_err(eval_error)?;
+                    let m = m
+                        .as_any()
+                        .downcast_ref::<arrow::array::BooleanArray>()
+                        .ok_or_else(|| WeirError::internal("aggregate FILTER is not boolean"))?
+                        .clone();
+                    Some(arrow::compute::prep_null_mask_filter(&m))
+                }
+                None => None,
+            });
+        }
+        let mut dirty = Vec::with_capacity(per_group.len());
+        for (slot, inserts, retracts) in per_group {
+            let mut group = self.groups[slot]
+                .take()
+                .ok_or_else(|| WeirError::internal("aggregate group slot is empty"))?;
+            group.count += inserts.len() as i64 - retracts.len() as i64;
+            for (a, agg) in self.aggs.iter().enumerate() {
+                for (indices, retract) in [(&inserts, false), (&retracts, true)] {
+                    let indices: Vec<u32> = match &masks[a] {
+                        Some(m) => indices
+                            .iter()
+                            .copied()
+                            .filter(|&i| m.value(i as usize))
+                            .collect(),
+                        None => indices.clone(),
+                    };
+                    if indices.is_empty() {
+                        continue;
+                    }
+                    let idx = UInt32Array::from(indices);
+                    let values = args[a]
+                        .iter()
+                        .map(|c| take(c.as_ref(), &idx, None))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| WeirError::internal(format!("aggregate input: {e}")))?;
+                    match (&mut group.accs[a], agg.kind) {
+                        (Some(acc), AccKind::Append) if !retract => {
+                            acc.update_batch(&values).map_err(eval_error)?
+                        }
+                        (Some(_), AccKind::Append) => {
+                            return Err(WeirError::internal(
+                                "append-only aggregate input carried a retraction",
+                            ));
+                        }
+                        (Some(acc), _) if !retract => {
+                            acc.update_batch(&values).map_err(eval_error)?
+                        }
+                        (Some(acc), _) => acc.retract_batch(&values).map_err(eval_error)?,
+                        (None, _) => {
+                            let converter = agg.converter.as_ref().ok_or_else(|| {
+                                WeirError::internal("recompute aggregate without converter")
+                            })?;
+                            let encoded = converter
+                                .convert_columns(&values)
+                                .map_err(|e| WeirError::internal(format!("aggregate values: {e}")))?;
+                            let map = &mut group.values[a];
+                            for r in encoded.iter() {
+                                let entry = map.entry(r.as_ref().to_vec()).or_insert(0);
+                                *entry += if retract { -1 } else { 1 };
+                                if *entry == 0 {
+                                    map.remove(r.as_ref());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if !group.dirty {
+                group.dirty = true;
+                dirty.push(slot);
+            }
+            self.groups[slot] = Some(group);
+        }
+        self.emit_dirty(dirty, out)
+    }
+
+    fn on_watermark(
+        &mut self,
+        _input: usize,
+        watermark: EventTime,
+        out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<Option<EventTime>> {
+        if watermark <= self.watermark {
+            return Ok(None);
+        }
+        self.watermark = watermark;
+        if self.window.is_some() {
+            let still_open = self.closing.split_off(&watermark.saturating_add(1));
+            let closed = std::mem::replace(&mut self.closing, still_open);
+            let mut rows = Vec::new();
+            for (end, slots) in closed {
+                for slot in slots {
+                    let Some(group) = self.groups[slot].as_mut() else { continue };
+                    if group.window_end != Some(end) {
+                        continue; // the slot was reused by a later group
+                    }
+                    if self.mode == AggregateMode::EmitOnWindowClose && group.count > 0 {
+                        let mut group = self.groups[slot]
+                            .take()
+                            .ok_or_else(|| WeirError::internal("closed group vanished"))?;
+                        let values = self.evaluate(&mut group)?;
+                        rows.push((group.key.clone(), values, 1));
+                        self.groups[slot] = Some(group);
+                    }
+                    self.remove(slot)?;
+                }
+            }
+            if !rows.is_empty() {
+                out.push(self.rows(rows)?);
+            }
+        }
+        Ok(Some(watermark))
+    }
+}

@@ -1,0 +1,96 @@
+//! The streaming runtime: a dataflow of [`Operator`]s over [`ChangeBatch`]es (Arrow rows with
+//! ±1 weights), fed by connector [`Source`](crate::connector::api::Source)s, with watermarks
+//! flowing between batches as control messages.
+//!
+//! A [`Dataflow`] is a tree: inputs at the leaves, one operator per node, the view's state at
+//! the root. The runtime (`runtime.rs`) reads every input, derives the input's watermark from
+//! its event times (`source.rs`), and pushes each batch up the tree, then the watermark. It
+//! owns no SQL: `plan` builds the operators from a DataFusion `LogicalPlan`. It never touches
+//! the catalog and never speaks a wire protocol.
+//!
+//! Operator files, one each: `project.rs` (projection and filter through DataFusion
+//! `PhysicalExpr`s), `window.rs` (TUMBLE / HOP window assignment), `aggregate.rs` (keyed
+//! incremental aggregation with DataFusion accumulators, retraction, window close),
+//! `union.rs` (UNION ALL).
+
+mod aggregate;
+mod project;
+mod runtime;
+mod source;
+pub mod task;
+mod union;
+mod window;
+
+pub use aggregate::{AggregateMode, AggregateOperator, WindowKey};
+pub use project::{FilterOperator, ProjectOperator};
+pub use runtime::{
+    Control, Dataflow, DataflowBuilder, Endpoint, NodeId, Progress, RunningDataflow, ViewOutput,
+};
+pub(crate) use runtime::filter_change;
+pub use source::{DeadLetter, LateRow, SourceStats, WatermarkSpec};
+pub use task::TaskHandle;
+pub use union::UnionOperator;
+pub use window::{WindowKind, WindowOperator};
+
+use crate::types::{ChangeBatch, WeirResult};
+
+/// Event time and watermarks are nanoseconds since the Unix epoch (`TIMESTAMP` columns).
+pub type EventTime = i64;
+
+/// The watermark before anything arrived: nothing is late yet.
+pub const NO_WATERMARK: EventTime = i64::MIN;
+
+/// One step of a dataflow.
+///
+/// Contract:
+/// - `on_batch` receives the changes of input `input` (0 for single-input operators) in the
+///   order they happened and appends its output changes to `out`. Weights pass through
+///   stateless operators unchanged; stateful ones emit a retraction (−1) of every row they take
+///   back before its replacement (+1).
+/// - `on_watermark` says no row with event time below `watermark` will arrive on `input` any
+///   more. The operator appends what that completes (closed windows) to `out` and returns the
+///   watermark to pass downstream (the minimum over its inputs for multi-input operators), or
+///   `None` when its output watermark did not move. Watermarks never go back.
+/// - `on_start` runs once before any input, for output that exists on empty input (a global
+///   aggregate's one row).
+/// - Errors are the user's (a division by zero in a projection) or Weir bugs; either stops the
+///   view, whose error is then shown in `SHOW MATERIALIZED VIEWS`.
+/// - Operators never block, never await and never hold locks across calls: the runtime calls
+///   them from one task per dataflow.
+pub trait Operator: Send {
+    /// One line for `EXPLAIN`: the operator and its keys, expressions and emit mode.
+    fn describe(&self) -> String;
+
+    fn on_start(&mut self, _out: &mut Vec<ChangeBatch>) -> WeirResult<()> {
+        Ok(())
+    }
+
+    fn on_batch(
+        &mut self,
+        input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<()>;
+
+    fn on_watermark(
+        &mut self,
+        _input: usize,
+        watermark: EventTime,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<Option<EventTime>> {
+        Ok(Some(watermark))
+    }
+}
+
+/// Drops zero-row batches and rebuilds a batch with `schema` (same columns, other names).
+pub(crate) fn with_schema(
+    batch: ChangeBatch,
+    schema: &arrow::datatypes::SchemaRef,
+) -> WeirResult<ChangeBatch> {
+    let rows = arrow::array::RecordBatch::try_new(schema.clone(), batch.rows.columns().to_vec())
+        .map_err(|e| crate::types::WeirError::internal(format!("re-schema batch: {e}")))?;
+    Ok(ChangeBatch {
+        rows,
+        weights: batch.weights,
+    })
+}

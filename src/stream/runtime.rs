@@ -1,0 +1,487 @@
+//! [`Dataflow`]: the operator tree of one materialized view and the loop that runs it.
+//!
+//! Each dataflow runs on a thread of its own (with a single-threaded tokio runtime for its
+//! waits), so view maintenance never competes with the pgwire tasks for a worker. The loop:
+//! read a bounded chunk from each input, derive the input's watermark and late rows, push the
+//! rows up the tree, then the watermark; apply what reaches the root to the view's state;
+//! answer `FLUSH` requests whose targets are reached; when no input has anything new, wait on
+//! all of them (or a control message).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{Array, BooleanArray, Int64Array, TimestampNanosecondArray};
+use arrow::compute::filter_record_batch;
+use tokio::sync::{mpsc, oneshot};
+
+use super::source::{LateRow, SourceStats, WatermarkSpec};
+use super::{EventTime, NO_WATERMARK, Operator};
+use crate::connector::api::{Source, SourceChunk};
+use crate::state::ZSetState;
+use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
+
+/// Messages read from one input before the loop turns to the next (bounds batch size and
+/// keeps inputs fair).
+const POLL_MESSAGES_MAX: usize = 4096;
+/// Longest wait between looks at inputs when nothing woke the loop (a safety net: inputs wake
+/// it when data arrives).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// A node of the tree.
+pub type NodeId = usize;
+
+/// Where a node's or input's output goes.
+#[derive(Debug, Clone, Copy)]
+enum Parent {
+    Node(NodeId, usize),
+    Root,
+    /// Not connected yet (during building).
+    None,
+}
+
+/// A leaf or an operator, while building.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Input(usize),
+    Node(NodeId),
+}
+
+struct Node {
+    op: Box<dyn Operator>,
+    children: Vec<Endpoint>,
+    parent: Parent,
+}
+
+struct Input {
+    name: String,
+    source: Box<dyn Source>,
+    watermark: Option<WatermarkSpec>,
+    /// Drop late rows (the input feeds a window).
+    drop_late: bool,
+    stats: Option<Arc<SourceStats>>,
+    parent: Parent,
+    max_event_time: EventTime,
+    /// The last watermark sent up the tree.
+    sent_watermark: EventTime,
+}
+
+/// Builds a [`Dataflow`] bottom-up: inputs first, then operators over them.
+#[derive(Default)]
+pub struct DataflowBuilder {
+    nodes: Vec<Node>,
+    inputs: Vec<Input>,
+}
+
+impl DataflowBuilder {
+    pub fn new() -> Self {
+        DataflowBuilder::default()
+    }
+
+    /// Adds an input. `watermark` derives event time from column `column`; `drop_late` drops
+    /// rows behind it (inputs of windows). `stats` receives counts and dead letters.
+    pub fn input(
+        &mut self,
+        name: impl Into<String>,
+        source: Box<dyn Source>,
+        watermark: Option<WatermarkSpec>,
+        drop_late: bool,
+        stats: Option<Arc<SourceStats>>,
+    ) -> Endpoint {
+        self.inputs.push(Input {
+            name: name.into(),
+            source,
+            watermark,
+            drop_late,
+            stats,
+            parent: Parent::None,
+            max_event_time: NO_WATERMARK,
+            sent_watermark: NO_WATERMARK,
+        });
+        Endpoint::Input(self.inputs.len() - 1)
+    }
+
+    /// Adds an operator reading `children` (its inputs 0, 1, ... in order).
+    pub fn operator(&mut self, op: Box<dyn Operator>, children: Vec<Endpoint>) -> Endpoint {
+        let id = self.nodes.len();
+        for (k, child) in children.iter().enumerate() {
+            self.set_parent(*child, Parent::Node(id, k));
+        }
+        self.nodes.push(Node {
+            op,
+            children,
+            parent: Parent::None,
+        });
+        Endpoint::Node(id)
+    }
+
+    fn set_parent(&mut self, at: Endpoint, parent: Parent) {
+        match at {
+            Endpoint::Input(i) => self.inputs[i].parent = parent,
+            Endpoint::Node(n) => self.nodes[n].parent = parent,
+        }
+    }
+
+    /// Finishes the tree with `root`'s output going to the view.
+    pub fn build(mut self, root: Endpoint) -> Dataflow {
+        self.set_parent(root, Parent::Root);
+        Dataflow {
+            nodes: self.nodes,
+            inputs: self.inputs,
+            root,
+        }
+    }
+}
+
+/// A view's operators and inputs, ready to run.
+pub struct Dataflow {
+    nodes: Vec<Node>,
+    inputs: Vec<Input>,
+    root: Endpoint,
+}
+
+/// What a running dataflow reports.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Rows in the view.
+    pub rows: u64,
+    /// Set when the dataflow stopped on an error.
+    pub error: Option<WeirError>,
+}
+
+/// The view a dataflow maintains: its state (read by `SELECT`) and its progress.
+#[derive(Clone)]
+pub struct ViewOutput {
+    /// Held only to apply one output batch or to take a snapshot.
+    pub state: Arc<Mutex<ZSetState>>,
+    pub progress: Arc<Mutex<Progress>>,
+}
+
+/// Control messages to a running dataflow. Closing the channel stops it.
+pub enum Control {
+    /// Answer once every input has read all that was published when this arrived.
+    Flush(oneshot::Sender<WeirResult<()>>),
+}
+
+/// The handle of a running dataflow: dropping it stops the dataflow's thread.
+pub struct RunningDataflow {
+    /// Sends [`Control`] to the dataflow's loop; the loop exits when this closes.
+    control: mpsc::Sender<Control>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningDataflow {
+    /// Resolves when the view reflects everything published before the call.
+    pub async fn flush(&self) -> WeirResult<()> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Flush(tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for RunningDataflow {
+    fn drop(&mut self) {
+        // Closing the control channel ends the loop; the thread is detached, not joined, so
+        // a DROP never waits on a long chunk.
+        let (closed, _) = mpsc::channel(1);
+        self.control = closed;
+        drop(self.thread.take());
+    }
+}
+
+fn stopped() -> WeirError {
+    WeirError::new(
+        SqlState("55000"),
+        "the materialized view's dataflow has stopped",
+    )
+    .with_hint("see SHOW MATERIALIZED VIEWS for its error; drop and re-create the view")
+}
+
+impl Dataflow {
+    /// `EXPLAIN`: the tree, root first, one operator per line.
+    pub fn explain(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        self.explain_at(self.root, 0, &mut lines);
+        lines
+    }
+
+    fn explain_at(&self, at: Endpoint, depth: usize, lines: &mut Vec<String>) {
+        let pad = "  ".repeat(depth);
+        match at {
+            Endpoint::Input(i) => {
+                let input = &self.inputs[i];
+                let mut line = format!("{pad}Input: {}", input.name);
+                if let Some(w) = input.watermark {
+                    line.push_str(&format!(
+                        " watermark=column {} - {}ms",
+                        w.column,
+                        w.delay_ns / 1_000_000
+                    ));
+                }
+                if input.drop_late {
+                    line.push_str(" drop_late");
+                }
+                if input.source.append_only() {
+                    line.push_str(" append-only");
+                } else {
+                    line.push_str(" updating");
+                }
+                lines.push(line);
+            }
+            Endpoint::Node(n) => {
+                lines.push(format!("{pad}{}", self.nodes[n].op.describe()));
+                for child in &self.nodes[n].children {
+                    self.explain_at(*child, depth + 1, lines);
+                }
+            }
+        }
+    }
+
+    /// Starts the dataflow on a thread of its own, maintaining `output`.
+    pub fn start(self, name: &str, output: ViewOutput) -> WeirResult<RunningDataflow> {
+        let (control, rx) = mpsc::channel(64);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| WeirError::internal(format!("dataflow runtime: {e}")))?;
+        let progress = output.progress.clone();
+        let view = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("weir-view-{name}"))
+            .spawn(move || {
+                if let Err(e) = runtime.block_on(self.run(output, rx)) {
+                    tracing::error!(view = %view, error = %e, "materialized view stopped");
+                    progress.lock().unwrap_or_else(|p| p.into_inner()).error = Some(e);
+                }
+            })
+            .map_err(|e| WeirError::internal(format!("starting dataflow thread: {e}")))?;
+        Ok(RunningDataflow {
+            control,
+            thread: Some(thread),
+        })
+    }
+
+    async fn run(mut self, output: ViewOutput, mut control: mpsc::Receiver<Control>) -> WeirResult<()> {
+        let mut pending: Vec<(Vec<Vec<u64>>, oneshot::Sender<WeirResult<()>>)> = Vec::new();
+        let result = self.run_loop(&output, &mut control, &mut pending).await;
+        if let Err(e) = &result {
+            for (_, reply) in pending {
+                let _ = reply.send(Err(e.clone()));
+            }
+            // Later FLUSHes see the error too.
+            while let Ok(Control::Flush(reply)) = control.try_recv() {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+        result
+    }
+
+    async fn run_loop(
+        &mut self,
+        output: &ViewOutput,
+        control: &mut mpsc::Receiver<Control>,
+        pending: &mut Vec<(Vec<Vec<u64>>, oneshot::Sender<WeirResult<()>>)>,
+    ) -> WeirResult<()> {
+        let mut out = Vec::new();
+        for n in 0..self.nodes.len() {
+            self.nodes[n].op.on_start(&mut out)?;
+            let parent = self.nodes[n].parent;
+            let batches = std::mem::take(&mut out);
+            for batch in batches {
+                self.push(parent, batch, output)?;
+            }
+        }
+        loop {
+            loop {
+                match control.try_recv() {
+                    Ok(Control::Flush(reply)) => pending.push((self.published(), reply)),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            let mut progressed = false;
+            for i in 0..self.inputs.len() {
+                let chunk = self.inputs[i].source.poll(POLL_MESSAGES_MAX)?;
+                if let Some(chunk) = chunk {
+                    progressed = true;
+                    self.process(i, chunk, output)?;
+                }
+            }
+            let positions: Vec<Vec<u64>> =
+                self.inputs.iter().map(|i| i.source.positions()).collect();
+            let mut i = 0;
+            while i < pending.len() {
+                if reached(&positions, &pending[i].0) {
+                    let (_, reply) = pending.swap_remove(i);
+                    let _ = reply.send(Ok(()));
+                } else {
+                    i += 1;
+                }
+            }
+            if progressed {
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + IDLE_WAIT;
+            let waits: Vec<_> = self
+                .inputs
+                .iter()
+                .map(|i| Box::pin(i.source.wait(deadline)))
+                .collect();
+            let any_input = async {
+                if waits.is_empty() {
+                    tokio::time::sleep_until(deadline).await;
+                } else {
+                    futures::future::select_all(waits).await;
+                }
+            };
+            tokio::select! {
+                _ = any_input => {}
+                message = control.recv() => match message {
+                    Some(Control::Flush(reply)) => pending.push((self.published(), reply)),
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+
+    fn published(&self) -> Vec<Vec<u64>> {
+        self.inputs.iter().map(|i| i.source.published()).collect()
+    }
+
+    /// One chunk of input `i`: stats, lateness, rows up the tree, then the watermark.
+    fn process(&mut self, i: usize, chunk: SourceChunk, output: &ViewOutput) -> WeirResult<()> {
+        let input = &mut self.inputs[i];
+        let mut changes = chunk.changes;
+        let mut late_rows = Vec::new();
+        let mut watermark = None;
+        if let Some(spec) = input.watermark {
+            let times = changes
+                .rows
+                .column(spec.column)
+                .as_any()
+                .downcast_ref::<TimestampNanosecondArray>()
+                .ok_or_else(|| WeirError::internal("event-time column is not a timestamp"))?
+                .clone();
+            let before = input.max_event_time;
+            let (late, max_event_time) = spec.late_mask(&times, before)?;
+            // The watermark each late row met: from the rows before it.
+            let mut running = before;
+            for (row, &is_late) in late.iter().enumerate() {
+                if is_late {
+                    late_rows.push(LateRow {
+                        partition: chunk.partition,
+                        offset: chunk.offsets[row],
+                        event_time: times.value(row),
+                        watermark: spec.watermark(running),
+                    });
+                }
+                running = running.max(times.value(row));
+            }
+            input.max_event_time = max_event_time;
+            watermark = Some(spec.watermark(max_event_time));
+            if input.drop_late && !late_rows.is_empty() {
+                let keep: BooleanArray = late.iter().map(|l| Some(!l)).collect();
+                changes = filter_change(&changes, &keep)?;
+            }
+        }
+        if let Some(stats) = &input.stats {
+            let end = input.source.positions()[chunk.partition as usize];
+            stats.record(
+                chunk.partition,
+                end,
+                &chunk.offsets,
+                &chunk.bad,
+                late_rows,
+                watermark.unwrap_or(NO_WATERMARK),
+            );
+        }
+        let parent = input.parent;
+        if changes.num_rows() > 0 {
+            self.push(parent, changes, output)?;
+        }
+        if let Some(w) = watermark {
+            let input = &mut self.inputs[i];
+            if w > input.sent_watermark {
+                input.sent_watermark = w;
+                self.push_watermark(parent, w, output)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, at: Parent, batch: ChangeBatch, output: &ViewOutput) -> WeirResult<()> {
+        match at {
+            Parent::Root => {
+                let mut state = output.state.lock().unwrap_or_else(|p| p.into_inner());
+                let schema = state.schema().clone();
+                let batch = super::with_schema(batch, &schema)?;
+                state.apply(&batch)?;
+                output
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .rows = state.num_rows() as u64;
+                Ok(())
+            }
+            Parent::None => Err(WeirError::internal("dataflow node without a parent")),
+            Parent::Node(n, k) => {
+                let mut out = Vec::new();
+                self.nodes[n].op.on_batch(k, batch, &mut out)?;
+                let parent = self.nodes[n].parent;
+                for b in out {
+                    if b.num_rows() > 0 {
+                        self.push(parent, b, output)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn push_watermark(&mut self, at: Parent, w: EventTime, output: &ViewOutput) -> WeirResult<()> {
+        let Parent::Node(n, k) = at else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        let forward = self.nodes[n].op.on_watermark(k, w, &mut out)?;
+        let parent = self.nodes[n].parent;
+        for b in out {
+            if b.num_rows() > 0 {
+                self.push(parent, b, output)?;
+            }
+        }
+        if let Some(w) = forward {
+            self.push_watermark(parent, w, output)?;
+        }
+        Ok(())
+    }
+}
+
+fn reached(positions: &[Vec<u64>], targets: &[Vec<u64>]) -> bool {
+    positions
+        .iter()
+        .zip(targets)
+        .all(|(pos, target)| pos.iter().zip(target).all(|(p, t)| p >= t))
+}
+
+/// Keeps the rows (and weights) where `keep` is true.
+pub(crate) fn filter_change(change: &ChangeBatch, keep: &BooleanArray) -> WeirResult<ChangeBatch> {
+    let rows = filter_record_batch(&change.rows, keep)
+        .map_err(|e| WeirError::internal(format!("filtering rows: {e}")))?;
+    let weights = match &change.weights {
+        Some(w) => {
+            let f = arrow::compute::filter(w, keep)
+                .map_err(|e| WeirError::internal(format!("filtering weights: {e}")))?;
+            Some(
+                f.as_any()
+                    .downcast_ref::<Int64Array>()
+                    .ok_or_else(|| WeirError::internal("weights are not bigint"))?
+                    .clone(),
+            )
+        }
+        None => None,
+    };
+    Ok(ChangeBatch { rows, weights })
+}
