@@ -87,8 +87,14 @@ pub(crate) fn with_schema(
     batch: ChangeBatch,
     schema: &arrow::datatypes::SchemaRef,
 ) -> WeirResult<ChangeBatch> {
-    let rows = arrow::array::RecordBatch::try_new(schema.clone(), batch.rows.columns().to_vec())
-        .map_err(|e| crate::types::WeirError::internal(format!("re-schema batch: {e}")))?;
+    let options =
+        arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.rows.num_rows()));
+    let rows = arrow::array::RecordBatch::try_new_with_options(
+        schema.clone(),
+        batch.rows.columns().to_vec(),
+        &options,
+    )
+    .map_err(|e| crate::types::WeirError::internal(format!("re-schema batch: {e}")))?;
     Ok(ChangeBatch {
         rows,
         weights: batch.weights,

@@ -55,7 +55,9 @@ impl Operator for ProjectOperator {
             .map(|e| e.evaluate(&batch.rows).and_then(|v| v.into_array(n)))
             .collect::<Result<Vec<ArrayRef>, _>>()
             .map_err(eval_error)?;
-        let rows = RecordBatch::try_new(self.schema.clone(), columns)
+        // A projection of no columns (count(*) needs none) still has its rows.
+        let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+        let rows = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)
             .map_err(|e| WeirError::internal(format!("projection: {e}")))?;
         out.push(ChangeBatch {
             rows,

@@ -13,5 +13,6 @@ mod psql;
 mod queue;
 mod queue_crash;
 mod slt;
+mod streaming;
 mod tidy;
 mod topics;
