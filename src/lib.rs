@@ -55,8 +55,39 @@
 //! 4. `ACK`/`COMMIT` append a durable state event to the subscription's own
 //!    log; after a restart the subscription replays it and resumes there.
 //!
-//! `CREATE MATERIALIZED VIEW` and the broker → source → window → Parquet path
-//! join this walk with the streaming runtime (`stream`) and connectors.
+//! ## A `CREATE MATERIALIZED VIEW`
+//! 1. [`sql::SqlParser::parse`] recognises the statement as Weir's own and keeps
+//!    the query text as written, noting `EMIT ON WINDOW CLOSE`.
+//! 2. The engine plans the query with DataFusion (`TUMBLE`/`HOP` are table
+//!    functions returning a [`plan::window::WindowTable`]) and optimises it.
+//! 3. [`plan::stream::compile`] walks the `LogicalPlan` and fills a
+//!    [`stream::DataflowBuilder`]: each scan of a source becomes an input over a
+//!    [`connector::builtin::TopicSource`] (a table: a
+//!    [`connector::builtin::TableSource`]), a window scan adds a
+//!    [`stream::WindowOperator`], projections and filters become
+//!    [`stream::ProjectOperator`]/[`stream::FilterOperator`] over DataFusion
+//!    `PhysicalExpr`s, and a `GROUP BY` an [`stream::AggregateOperator`] with
+//!    DataFusion accumulators. A view read by the view is compiled inline.
+//! 4. The [`stream::Dataflow`] starts on a thread of its own, backfills from the
+//!    retained history and keeps the view's [`state::ZSetState`]; `SELECT`
+//!    snapshots it.
+//!
+//! ## A message: topic → source → window → view
+//! 1. `INSERT INTO bids VALUES (...)` encodes the rows as JSON (arrow-json) and
+//!    publishes them to the source's topic, durably, like any publish.
+//! 2. The view's [`connector::builtin::TopicSource`] reads the new messages and
+//!    decodes them in one pass with [`format::decode::RowDecoder`]; a message that
+//!    does not decode goes to the dead letters in [`stream::SourceStats`].
+//! 3. The dataflow derives the watermark from the event times
+//!    ([`stream::WatermarkSpec`]), drops and records rows behind it when the input
+//!    feeds a window, and pushes the batch up the tree: window assignment, then
+//!    the aggregate, which updates its groups and emits retractions and new rows
+//!    (or, with `EMIT ON WINDOW CLOSE`, final rows when the watermark passes a
+//!    window's end).
+//! 4. The root applies the changes to the view's state; `FLUSH` returns once every
+//!    view's inputs have reached the end offsets published before it.
+//!
+//! Sinks (Parquet, topics) and broker connectors join this walk with issue 6.
 
 pub mod catalog;
 pub mod connector;

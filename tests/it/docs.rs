@@ -2,7 +2,7 @@
 //! a fresh server per page, so the references cannot drift from what Weir
 //! accepts.
 
-use crate::harness::TestServer;
+use crate::harness::{self, TestServer};
 
 fn sql_blocks(markdown: &str) -> Vec<String> {
     let mut blocks = Vec::new();
@@ -62,5 +62,26 @@ async fn sql_reference_examples_run() {
         .expect("query accounts");
     let owners: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(owners, ["ada", "grace", "edsger"]);
+    // The streaming examples: the first window closed (watermark 10:00:11) with the
+    // late 10:00:02 bid dropped and listed, and the bad CSV line dead-lettered.
+    let hot = harness::simple_rows(
+        &client,
+        "SELECT window_start, auction, bids, top FROM hot_auctions ORDER BY 1, 2",
+    )
+    .await;
+    let text = |v: &[&str]| v.iter().map(|s| Some(s.to_string())).collect::<Vec<_>>();
+    assert_eq!(
+        hot,
+        vec![
+            text(&["2026-01-01 10:00:00", "1", "2", "150"]),
+            text(&["2026-01-01 10:00:00", "2", "1", "80"]),
+        ]
+    );
+    let late = harness::simple_rows(&client, "SELECT event_time FROM weir_late_rows").await;
+    assert_eq!(late, vec![text(&["2026-01-01 10:00:02"])]);
+    let dead = harness::simple_rows(&client, "SELECT source, \"offset\" FROM weir_dead_letters").await;
+    assert_eq!(dead, vec![text(&["clicks", "1"])]);
+    let pages = harness::simple_rows(&client, "SELECT page, clicks FROM pages").await;
+    assert_eq!(pages, vec![text(&["/home", "1"])]);
     server.shutdown().await;
 }
