@@ -22,10 +22,10 @@ use datafusion::physical_expr::expressions::Column as PhysicalColumn;
 use datafusion::physical_planner::create_aggregate_expr_and_maybe_filter;
 
 use super::from_datafusion;
-use super::window::WindowTable;
+use super::window::{WindowShape, WindowTable};
 use crate::stream::{
     AggregateMode, AggregateOperator, Dataflow, DataflowBuilder, Endpoint, FilterOperator,
-    ProjectOperator, UnionOperator, WindowKey, WindowOperator,
+    ProjectOperator, SessionOperator, UnionOperator, WindowKey, WindowOperator,
 };
 use crate::types::{SqlState, WeirError, WeirResult};
 
@@ -159,24 +159,43 @@ impl Compiler<'_> {
                     );
                     let input = self.relation(&window.input_name, input_schema, true, closes)?;
                     let schema = provider.schema();
-                    let at = self.builder.operator(
-                        Box::new(WindowOperator::new(
-                            window.kind,
-                            window.time_column,
-                            schema.clone(),
-                        )),
-                        vec![input.at],
-                    );
                     let mut windows = input.windows.clone();
-                    windows.push(Some(window.kind.size_ns()));
-                    windows.push(Some(0));
+                    let mut append_only = input.append_only;
+                    let op: Box<dyn crate::stream::Operator> = match &window.shape {
+                        WindowShape::Fixed(kind) => {
+                            windows.push(Some(kind.size_ns()));
+                            windows.push(Some(0));
+                            Box::new(WindowOperator::new(*kind, window.time_column, schema.clone()))
+                        }
+                        WindowShape::Session { gap_ns, keys } => {
+                            if !input.append_only {
+                                return Err(not_streamable(
+                                    "SESSION over a table or an updating view",
+                                    "use SESSION over a source",
+                                ));
+                            }
+                            // A session's start moves as it grows; its end closes it.
+                            windows.push(None);
+                            windows.push(Some(0));
+                            append_only = eowc;
+                            Box::new(SessionOperator::try_new(
+                                window.time_column,
+                                keys.clone(),
+                                *gap_ns,
+                                window.input.schema(),
+                                schema.clone(),
+                                eowc,
+                            )?)
+                        }
+                    };
+                    let at = self.builder.operator(op, vec![input.at]);
                     Compiled {
                         at,
                         schema: Arc::new(
                             DFSchema::try_from_qualified_schema(name.as_str(), &schema)
                                 .map_err(|e| self.df(e))?,
                         ),
-                        append_only: input.append_only,
+                        append_only,
                         windows,
                     }
                 } else {

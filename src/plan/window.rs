@@ -5,7 +5,8 @@
 //! In a batch query `WindowTable::scan` reads the input and assigns windows with the same
 //! function the streaming operator uses; in `CREATE MATERIALIZED VIEW` the streaming compiler
 //! recognises the scan and builds a window operator over the input's stream instead.
-//! `SESSION(...)` is recognised and refused (not built yet).
+//! `SESSION(relation, time_column, gap [, key columns])` windows rows per key (or over the whole
+//! relation) into sessions; see `stream::SessionOperator`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,7 +20,16 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 
-use crate::stream::WindowKind;
+use crate::stream::{WindowKind, assign_sessions};
+
+/// What kind of window a [`WindowTable`] assigns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WindowShape {
+    /// TUMBLE or HOP: each row's windows follow from its own event time.
+    Fixed(WindowKind),
+    /// SESSION: rows closer than `gap_ns` (per key) share a window.
+    Session { gap_ns: i64, keys: Vec<usize> },
+}
 use crate::types::{SqlState, WeirError};
 
 /// Looks up the relation a window function reads, by name.
@@ -28,7 +38,7 @@ pub type RelationLookup = Arc<dyn Fn(&str) -> Option<Arc<dyn TableProvider>> + S
 /// The relation `TUMBLE(...)`/`HOP(...)` return.
 #[derive(Debug)]
 pub struct WindowTable {
-    pub kind: WindowKind,
+    pub shape: WindowShape,
     /// The relation windowed (a source, table or view), by name.
     pub input_name: String,
     pub input: Arc<dyn TableProvider>,
@@ -69,13 +79,24 @@ impl TableProvider for WindowTable {
         // are for inspection and for checking views, not the hot path).
         let plan = self.input.scan(state, None, &[], None).await?;
         let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
+        let weir = |e: WeirError| DataFusionError::External(Box::new(e));
         let mut out = Vec::with_capacity(batches.len());
-        for batch in batches {
-            let (windowed, _) = self
-                .kind
-                .assign(&batch, self.time_column, &self.schema)
-                .map_err(|e| DataFusionError::External(Box::new(e)))?;
-            out.push(windowed);
+        match &self.shape {
+            WindowShape::Fixed(kind) => {
+                for batch in batches {
+                    let (windowed, _) = kind
+                        .assign(&batch, self.time_column, &self.schema)
+                        .map_err(weir)?;
+                    out.push(windowed);
+                }
+            }
+            WindowShape::Session { gap_ns, keys } => {
+                let all = arrow::compute::concat_batches(&self.input.schema(), &batches)?;
+                out.push(
+                    assign_sessions(&all, self.time_column, keys, *gap_ns, &self.schema)
+                        .map_err(weir)?,
+                );
+            }
         }
         Ok(MemorySourceConfig::try_new_exec(
             &[out],
@@ -118,7 +139,7 @@ impl WindowFunction {
         match self.name {
             "tumble" => "TUMBLE(relation, time_column, INTERVAL '1' MINUTE)",
             "hop" => "HOP(relation, time_column, INTERVAL '10' SECOND (slide), INTERVAL '1' MINUTE (size))",
-            _ => "SESSION(relation, time_column, INTERVAL '30' SECOND (gap))",
+            _ => "SESSION(relation, time_column, INTERVAL '30' SECOND (gap) [, key column, ...])",
         }
     }
 
@@ -167,7 +188,8 @@ impl TableFunctionImpl for WindowFunction {
     ) -> datafusion::error::Result<Arc<dyn TableProvider>> {
         let exprs = args.exprs();
         let wanted = if self.name == "hop" { 4 } else { 3 };
-        if exprs.len() != wanted {
+        let fits = exprs.len() == wanted || (self.name == "session" && exprs.len() > wanted);
+        if !fits {
             return Err(self.error(format!(
                 "{} takes {wanted} arguments, not {}",
                 self.name.to_uppercase(),
@@ -176,27 +198,6 @@ impl TableFunctionImpl for WindowFunction {
         }
         let input_name = self.name_arg(&exprs[0], "first argument (the relation)")?;
         let time_name = self.name_arg(&exprs[1], "second argument (the time column)")?;
-        let kind = match self.name {
-            "tumble" => WindowKind::Tumble {
-                size_ns: self.interval_arg(&exprs[2], "size")?,
-            },
-            "hop" => {
-                let slide_ns = self.interval_arg(&exprs[2], "slide")?;
-                let size_ns = self.interval_arg(&exprs[3], "size")?;
-                if size_ns % slide_ns != 0 {
-                    return Err(self.error(
-                        "HOP: the size must be a whole multiple of the slide".to_string(),
-                    ));
-                }
-                WindowKind::Hop { slide_ns, size_ns }
-            }
-            _ => {
-                return Err(DataFusionError::External(Box::new(WeirError::unsupported(
-                    "SESSION windows are not supported yet",
-                    "use TUMBLE or HOP windows for now",
-                ))));
-            }
-        };
         let input = (self.lookup)(&input_name).ok_or_else(|| {
             DataFusionError::External(Box::new(
                 WeirError::new(
@@ -207,12 +208,38 @@ impl TableFunctionImpl for WindowFunction {
             ))
         })?;
         let input_schema = input.schema();
-        let time_column = input_schema.index_of(&time_name).map_err(|_| {
-            DataFusionError::External(Box::new(WeirError::new(
-                SqlState::UNDEFINED_COLUMN,
-                format!("column \"{time_name}\" of relation \"{input_name}\" does not exist"),
-            )))
-        })?;
+        let column = |name: &str| {
+            input_schema.index_of(name).map_err(|_| {
+                DataFusionError::External(Box::new(WeirError::new(
+                    SqlState::UNDEFINED_COLUMN,
+                    format!("column \"{name}\" of relation \"{input_name}\" does not exist"),
+                )))
+            })
+        };
+        let shape = match self.name {
+            "tumble" => WindowShape::Fixed(WindowKind::Tumble {
+                size_ns: self.interval_arg(&exprs[2], "size")?,
+            }),
+            "hop" => {
+                let slide_ns = self.interval_arg(&exprs[2], "slide")?;
+                let size_ns = self.interval_arg(&exprs[3], "size")?;
+                if size_ns % slide_ns != 0 {
+                    return Err(self.error(
+                        "HOP: the size must be a whole multiple of the slide".to_string(),
+                    ));
+                }
+                WindowShape::Fixed(WindowKind::Hop { slide_ns, size_ns })
+            }
+            _ => {
+                let gap_ns = self.interval_arg(&exprs[2], "gap")?;
+                let keys = exprs[3..]
+                    .iter()
+                    .map(|e| self.name_arg(e, "key column").and_then(|n| column(&n)))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                WindowShape::Session { gap_ns, keys }
+            }
+        };
+        let time_column = column(&time_name)?;
         if input_schema.field(time_column).data_type()
             != &DataType::Timestamp(TimeUnit::Nanosecond, None)
         {
@@ -229,7 +256,7 @@ impl TableFunctionImpl for WindowFunction {
         }
         let schema = WindowTable::output_schema(&input_schema);
         Ok(Arc::new(WindowTable {
-            kind,
+            shape,
             input_name,
             input,
             time_column,

@@ -9,13 +9,14 @@
 //! the catalog and never speaks a wire protocol.
 //!
 //! Operator files, one each: `project.rs` (projection and filter through DataFusion
-//! `PhysicalExpr`s), `window.rs` (TUMBLE / HOP window assignment), `aggregate.rs` (keyed
+//! `PhysicalExpr`s), `window.rs` (TUMBLE / HOP window assignment), `session.rs` (SESSION windows), `aggregate.rs` (keyed
 //! incremental aggregation with DataFusion accumulators, retraction, window close),
 //! `union.rs` (UNION ALL).
 
 mod aggregate;
 mod project;
 mod runtime;
+mod session;
 mod source;
 pub mod task;
 mod union;
@@ -28,6 +29,7 @@ pub use runtime::{
 };
 pub(crate) use runtime::filter_change;
 pub use source::{DeadLetter, LateRow, SourceStats, WatermarkSpec};
+pub use session::{SessionOperator, assign_sessions};
 pub use task::TaskHandle;
 pub use union::UnionOperator;
 pub use window::{WindowKind, WindowOperator};
