@@ -201,7 +201,13 @@ impl Session {
                 | WeirStatement::DropMaterializedView { .. }
                 | WeirStatement::ExplainMaterializedView { .. }
                 | WeirStatement::Flush),
-            ) => return super::stream::execute(&weir, w).await,
+            ) => {
+                let parallelism = match self.settings.get("streaming_parallelism") {
+                    Some(v) => super::stream::parse_parallelism(v)?,
+                    None => super::stream::default_parallelism(),
+                };
+                return super::stream::execute(&weir, w, parallelism).await;
+            }
             Statement::Weir(w) => return queue::execute(&weir, &self.consumer, w).await,
             Statement::Sql(s) => s.as_ref(),
         };
@@ -391,6 +397,9 @@ impl Session {
                     format!("client encoding \"{value}\" is not supported"),
                 )
                 .with_hint("Weir speaks UTF8 only: SET client_encoding = 'UTF8'"));
+            }
+            ("streaming_parallelism", _) => {
+                super::stream::parse_parallelism(&value)?.to_string()
             }
             _ => value,
         };

@@ -51,6 +51,10 @@ pub fn defaults() -> BTreeMap<String, String> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain(std::iter::once((
+        "streaming_parallelism".to_string(),
+        super::stream::default_parallelism().to_string(),
+    )))
     .collect()
 }
 

@@ -147,7 +147,12 @@ impl Weir {
 }
 
 /// Runs one of the streaming statements.
-pub(super) async fn execute(weir: &Weir, statement: &WeirStatement) -> WeirResult<Output> {
+/// `parallelism`: the session's `streaming_parallelism` for new views.
+pub(super) async fn execute(
+    weir: &Weir,
+    statement: &WeirStatement,
+    parallelism: usize,
+) -> WeirResult<Output> {
     match statement {
         WeirStatement::CreateSource {
             name,
@@ -229,11 +234,12 @@ pub(super) async fn execute(weir: &Weir, statement: &WeirStatement) -> WeirResul
             }
             // Plan and compile before the catalog changes: a view that cannot run is not created.
             let (plan, depends_on) = plan_view(weir, query).await?;
-            let dataflow = build_dataflow(weir, &plan, *emit_on_window_close, query)?;
+            let dataflow = build_dataflow(weir, &plan, *emit_on_window_close, query, parallelism)?;
+            // The parallelism is part of the definition, so a restart runs the view alike.
             let relation = weir.inner.catalog.create(
                 name,
                 RelationKind::MaterializedView,
-                statement.to_string(),
+                format!("{statement}{PARALLELISM_MARK}{parallelism}"),
             )?;
             if let Err(e) = start_view(
                 weir,
@@ -275,7 +281,7 @@ pub(super) async fn execute(weir: &Weir, statement: &WeirStatement) -> WeirResul
             emit_on_window_close,
         } => {
             let (plan, _) = plan_view(weir, query).await?;
-            let dataflow = build_dataflow(weir, &plan, *emit_on_window_close, query)?;
+            let dataflow = build_dataflow(weir, &plan, *emit_on_window_close, query, parallelism)?;
             let lines = dataflow.explain();
             Output::from_columns(
                 explain_schema(),
@@ -661,9 +667,38 @@ fn build_dataflow(
     plan: &LogicalPlan,
     emit_on_window_close: bool,
     text: &str,
+    parallelism: usize,
 ) -> WeirResult<crate::stream::Dataflow> {
     let state = weir.inner.ctx.state();
-    compile(plan, emit_on_window_close, &Inputs { weir }, &state, text)
+    compile(
+        plan,
+        emit_on_window_close,
+        &Inputs { weir },
+        &state,
+        text,
+        parallelism,
+    )
+}
+
+/// Ends a view's stored definition with the parallelism it was created with (a comment, so the
+/// text stays a valid statement).
+const PARALLELISM_MARK: &str = "\n-- weir: streaming_parallelism = ";
+
+/// The default `streaming_parallelism`: the machine's cores.
+pub(super) fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `SET streaming_parallelism` values: 1 to 64.
+pub(super) fn parse_parallelism(value: &str) -> WeirResult<usize> {
+    match value.trim().trim_matches('\'').parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err(WeirError::new(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("invalid value for streaming_parallelism: \"{value}\""),
+        )
+        .with_hint("use a whole number from 1 to 64")),
+    }
 }
 
 fn nullable(schema: &Schema) -> SchemaRef {
@@ -725,8 +760,17 @@ pub(super) async fn open_view(weir: &Weir, relation: Relation) -> WeirResult<()>
     else {
         return Err(WeirError::internal("view definition is not CREATE MATERIALIZED VIEW"));
     };
+    let parallelism = relation
+        .sql
+        .rsplit_once(PARALLELISM_MARK)
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or_else(default_parallelism);
+    let query = match query.rsplit_once(PARALLELISM_MARK) {
+        Some((q, _)) => q.to_string(),
+        None => query,
+    };
     let (plan, depends_on) = plan_view(weir, &query).await?;
-    let dataflow = build_dataflow(weir, &plan, emit_on_window_close, &query)?;
+    let dataflow = build_dataflow(weir, &plan, emit_on_window_close, &query, parallelism)?;
     start_view(weir, relation, plan, emit_on_window_close, depends_on, dataflow)
 }
 

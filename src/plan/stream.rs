@@ -24,7 +24,8 @@ use datafusion::physical_planner::create_aggregate_expr_and_maybe_filter;
 use super::from_datafusion;
 use super::window::{WindowShape, WindowTable};
 use crate::stream::{
-    AggregateMode, AggregateOperator, Dataflow, DataflowBuilder, Endpoint, FilterOperator,
+    AggregateMode, AggregateOperator, Dataflow, DataflowBuilder, Endpoint, ExchangeOperator,
+    FilterOperator,
     ProjectOperator, SessionOperator, UnionOperator, WindowKey, WindowOperator,
 };
 use crate::types::{SqlState, WeirError, WeirResult};
@@ -67,18 +68,21 @@ struct Compiled {
 
 /// Compiles an optimised `plan` into a dataflow. `emit_on_window_close` applies to this
 /// view's windowed aggregates.
+/// Keyed aggregates run `parallelism` ways behind a hash exchange on their group key.
 pub fn compile(
     plan: &LogicalPlan,
     emit_on_window_close: bool,
     catalog: &dyn StreamCatalog,
     state: &SessionState,
     text: &str,
+    parallelism: usize,
 ) -> WeirResult<Dataflow> {
     let mut compiler = Compiler {
         builder: DataflowBuilder::new(),
         catalog,
         state,
         text,
+        parallelism: parallelism.max(1),
     };
     let mut closes_windows = false;
     let root = compiler.node(plan, emit_on_window_close, &mut closes_windows)?;
@@ -96,6 +100,7 @@ struct Compiler<'a> {
     catalog: &'a dyn StreamCatalog,
     state: &'a SessionState,
     text: &'a str,
+    parallelism: usize,
 }
 
 fn not_streamable(what: &str, hint: &str) -> WeirError {
@@ -333,17 +338,36 @@ impl Compiler<'_> {
                     AggregateMode::Updating
                 };
                 let schema = Arc::new(a.schema.as_arrow().clone());
-                let op = AggregateOperator::try_new(
-                    group_exprs,
-                    group_names,
-                    aggs,
-                    &input_arrow,
-                    schema,
-                    mode,
-                    window,
-                    input.append_only,
-                )?;
-                let at = self.builder.operator(Box::new(op), vec![input.at]);
+                let instances = if group_exprs.is_empty() {
+                    1 // a global aggregate has one group
+                } else {
+                    self.parallelism
+                };
+                let mut ops: Vec<Box<dyn crate::stream::Operator>> = Vec::with_capacity(instances);
+                for _ in 0..instances {
+                    ops.push(Box::new(AggregateOperator::try_new(
+                        group_exprs.clone(),
+                        group_names.clone(),
+                        aggs.clone(),
+                        &input_arrow,
+                        schema.clone(),
+                        mode,
+                        window,
+                        input.append_only,
+                    )?));
+                }
+                let op: Box<dyn crate::stream::Operator> = if instances == 1 {
+                    ops.pop()
+                        .ok_or_else(|| WeirError::internal("no aggregate instance"))?
+                } else {
+                    Box::new(ExchangeOperator::try_new(
+                        group_exprs.clone(),
+                        &input_arrow,
+                        ops,
+                        "aggregate",
+                    )?)
+                };
+                let at = self.builder.operator(op, vec![input.at]);
                 let mut windows = vec![None; a.schema.fields().len()];
                 for (g, e) in a.group_expr.iter().enumerate() {
                     if let Expr::Column(c) = e

@@ -11,9 +11,11 @@
 //! Operator files, one each: `project.rs` (projection and filter through DataFusion
 //! `PhysicalExpr`s), `window.rs` (TUMBLE / HOP window assignment), `session.rs` (SESSION windows), `aggregate.rs` (keyed
 //! incremental aggregation with DataFusion accumulators, retraction, window close),
-//! `union.rs` (UNION ALL).
+//! `union.rs` (UNION ALL), `exchange.rs` (N instances of a keyed operator behind a hash
+//! exchange, `streaming_parallelism`).
 
 mod aggregate;
+mod exchange;
 mod project;
 mod runtime;
 mod session;
@@ -23,6 +25,7 @@ mod union;
 mod window;
 
 pub use aggregate::{AggregateMode, AggregateOperator, WindowKey};
+pub use exchange::ExchangeOperator;
 pub use project::{FilterOperator, ProjectOperator};
 pub use runtime::{
     Control, Dataflow, DataflowBuilder, Endpoint, NodeId, Progress, RunningDataflow, ViewOutput,

@@ -2,6 +2,9 @@
 //! with the extended protocol (prepared statements, binary results), each file against a fresh
 //! in-process server. All failing files are reported together.
 //!
+//! Files under `slt/streaming/` run twice more: with `SET streaming_parallelism = 1` and `= 2` on
+//! every connection, so each view's results are checked with and without the hash exchange.
+//!
 //! Errors display as `{SQLSTATE}: {message}`, so a file writes `statement error 42P01`.
 //! `WEIR_SLT_COMPLETE=1` rewrites the files with the actual output (simple protocol) for a human
 //! to review; `WEIR_SLT_FILTER=substring` runs only the matching files.
@@ -59,15 +62,33 @@ where
     );
     let mut failures = Vec::new();
     for file in &files {
-        let server = TestServer::start().await;
-        let addr = server.pg_addr();
-        let connect = connect.clone();
-        let mut runner = Runner::new(move || connect(addr));
-        if let Err(err) = runner.run_file_async(file).await {
-            failures.push(format!("{}:\n{}", file.display(), err.display(false)));
+        let streaming = file.components().any(|c| c.as_os_str() == "streaming");
+        let parallelisms: &[Option<usize>] = if streaming {
+            &[Some(1), Some(2)]
+        } else {
+            &[None]
+        };
+        for &parallelism in parallelisms {
+            let server = TestServer::start().await;
+            let addr = server.pg_addr();
+            let connect = connect.clone();
+            let mut runner = Runner::new(move || {
+                let connect = connect.clone();
+                async move {
+                    let mut db = connect(addr).await?;
+                    if let Some(p) = parallelism {
+                        db.run(&format!("SET streaming_parallelism = {p}")).await?;
+                    }
+                    Ok(db)
+                }
+            });
+            if let Err(err) = runner.run_file_async(file).await {
+                let at = parallelism.map_or(String::new(), |p| format!(" (parallelism {p})"));
+                failures.push(format!("{}{at}:\n{}", file.display(), err.display(false)));
+            }
+            runner.shutdown_async().await;
+            server.shutdown().await;
         }
-        runner.shutdown_async().await;
-        server.shutdown().await;
     }
     assert!(
         failures.is_empty(),

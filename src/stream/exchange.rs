@@ -1,0 +1,204 @@
+//! [`ExchangeOperator`]: runs N instances of a keyed operator, each on a worker thread of its
+//! own, behind a hash exchange on the key (`SET streaming_parallelism = N`).
+//!
+//! Each input batch is split by a hash of its key columns (the same key always reaches the
+//! same instance, so per-key state stays in one place); the parts go to the workers over
+//! bounded channels and the operator waits for all of them, so the dataflow keeps its order of
+//! batches and watermarks (a watermark goes to every instance). Outputs are concatenated in
+//! instance order. The view is a set, so its rows are the same for every N.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use arrow::array::{Int64Array, UInt32Array};
+use arrow::compute::{take, take_record_batch};
+use arrow::row::{RowConverter, SortField};
+use datafusion::physical_expr::PhysicalExpr;
+
+use super::project::eval_error;
+use super::{EventTime, Operator};
+use crate::types::{ChangeBatch, WeirError, WeirResult};
+
+enum Job {
+    Start,
+    Batch(ChangeBatch),
+    Watermark(EventTime),
+}
+
+type Reply = WeirResult<(Vec<ChangeBatch>, Option<EventTime>)>;
+
+struct Worker {
+    /// Jobs for the worker; dropping it ends the worker's loop.
+    jobs: SyncSender<Job>,
+    /// The worker's answer to each job, in order.
+    replies: Receiver<Reply>,
+    describe: String,
+}
+
+pub struct ExchangeOperator {
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    converter: RowConverter,
+    workers: Vec<Worker>,
+}
+
+impl ExchangeOperator {
+    /// `instances` are the N operators (built alike); `keys` their partitioning expressions,
+    /// `key_schema` the input schema the keys are evaluated against.
+    pub fn try_new(
+        keys: Vec<Arc<dyn PhysicalExpr>>,
+        key_schema: &arrow::datatypes::Schema,
+        instances: Vec<Box<dyn Operator>>,
+        name: &str,
+    ) -> WeirResult<Self> {
+        let fields = keys
+            .iter()
+            .map(|k| k.data_type(key_schema).map(SortField::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(eval_error)?;
+        let converter = RowConverter::new(fields)
+            .map_err(|e| WeirError::internal(format!("exchange keys: {e}")))?;
+        let mut workers = Vec::with_capacity(instances.len());
+        for (i, mut op) in instances.into_iter().enumerate() {
+            let describe = op.describe();
+            let (jobs, job_rx) = sync_channel::<Job>(4);
+            let (reply_tx, replies) = sync_channel::<Reply>(4);
+            std::thread::Builder::new()
+                .name(format!("weir-{name}-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = job_rx.recv() {
+                        let mut out = Vec::new();
+                        let result = match job {
+                            Job::Start => op.on_start(&mut out).map(|_| None),
+                            Job::Batch(b) => op.on_batch(0, b, &mut out).map(|_| None),
+                            Job::Watermark(w) => op.on_watermark(0, w, &mut out),
+                        };
+                        if reply_tx.send(result.map(|w| (out, w))).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| WeirError::internal(format!("starting exchange worker: {e}")))?;
+            workers.push(Worker {
+                jobs,
+                replies,
+                describe,
+            });
+        }
+        Ok(ExchangeOperator {
+            keys,
+            converter,
+            workers,
+        })
+    }
+
+    fn gone() -> WeirError {
+        WeirError::internal("an exchange worker stopped")
+    }
+
+    /// Sends one job per worker (`None`: nothing for it) and gathers the replies.
+    fn round(&mut self, jobs: Vec<Option<Job>>, out: &mut Vec<ChangeBatch>) -> WeirResult<Option<EventTime>> {
+        let mut sent = Vec::with_capacity(jobs.len());
+        for (worker, job) in self.workers.iter().zip(jobs) {
+            let has = job.is_some();
+            if let Some(job) = job {
+                worker.jobs.send(job).map_err(|_| Self::gone())?;
+            }
+            sent.push(has);
+        }
+        let mut watermark: Option<EventTime> = None;
+        for (worker, has) in self.workers.iter().zip(sent) {
+            if !has {
+                continue;
+            }
+            let (batches, w) = worker.replies.recv().map_err(|_| Self::gone())??;
+            out.extend(batches);
+            if let Some(w) = w {
+                watermark = Some(watermark.map_or(w, |m| m.min(w)));
+            }
+        }
+        Ok(watermark)
+    }
+}
+
+impl Operator for ExchangeOperator {
+    fn describe(&self) -> String {
+        let keys: Vec<String> = self.keys.iter().map(|k| k.to_string()).collect();
+        format!(
+            "Exchange: hash({}) to {} instances of {}",
+            keys.join(", "),
+            self.workers.len(),
+            self.workers.first().map_or("", |w| w.describe.as_str())
+        )
+    }
+
+    fn on_start(&mut self, out: &mut Vec<ChangeBatch>) -> WeirResult<()> {
+        let jobs = self.workers.iter().map(|_| Some(Job::Start)).collect();
+        self.round(jobs, out)?;
+        Ok(())
+    }
+
+    fn on_batch(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<()> {
+        let n = batch.rows.num_rows();
+        let arrays = self
+            .keys
+            .iter()
+            .map(|k| k.evaluate(&batch.rows).and_then(|v| v.into_array(n)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(eval_error)?;
+        let rows = self
+            .converter
+            .convert_columns(&arrays)
+            .map_err(|e| WeirError::internal(format!("exchange keys: {e}")))?;
+        let shards = self.workers.len();
+        let mut parts: Vec<Vec<u32>> = vec![Vec::new(); shards];
+        for (i, row) in rows.iter().enumerate() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            row.as_ref().hash(&mut h);
+            parts[(h.finish() % shards as u64) as usize].push(i as u32);
+        }
+        let mut jobs = Vec::with_capacity(shards);
+        for part in parts {
+            if part.is_empty() {
+                jobs.push(None);
+                continue;
+            }
+            let idx = UInt32Array::from(part);
+            let rows = take_record_batch(&batch.rows, &idx)
+                .map_err(|e| WeirError::internal(format!("exchange: {e}")))?;
+            let weights = match &batch.weights {
+                Some(w) => Some(
+                    take(w, &idx, None)
+                        .map_err(|e| WeirError::internal(format!("exchange: {e}")))?
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .ok_or_else(|| WeirError::internal("weights are not bigint"))?
+                        .clone(),
+                ),
+                None => None,
+            };
+            jobs.push(Some(Job::Batch(ChangeBatch { rows, weights })));
+        }
+        self.round(jobs, out)?;
+        Ok(())
+    }
+
+    fn on_watermark(
+        &mut self,
+        _input: usize,
+        watermark: EventTime,
+        out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<Option<EventTime>> {
+        let jobs = self
+            .workers
+            .iter()
+            .map(|_| Some(Job::Watermark(watermark)))
+            .collect();
+        self.round(jobs, out)
+    }
+}
