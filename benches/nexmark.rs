@@ -109,7 +109,10 @@ fn parse_options() -> Result<Options> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value\n{USAGE}"));
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
+        };
         match arg.as_str() {
             "--bench" => {}
             "--bids" => options.bids = value()?.parse().context("--bids")?,
@@ -147,7 +150,14 @@ fn bid_file(n: usize) -> Result<PathBuf> {
     eprintln!("generating {n} bids with {}", script.display());
     let status = std::process::Command::new("python3")
         .arg(&script)
-        .args(["--bids", &n.to_string(), "--bids-only", "--shards", "1", "--out"])
+        .args([
+            "--bids",
+            &n.to_string(),
+            "--bids-only",
+            "--shards",
+            "1",
+            "--out",
+        ])
         .arg(&dir)
         .status()
         .context("running gen_nexmark.py")?;
@@ -162,7 +172,12 @@ fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // Fields after the command: state is 0, utime is 11, stime 12 (clock ticks of 1/100 s).
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
@@ -188,7 +203,7 @@ struct Sample {
 }
 
 fn median(mut samples: Vec<Sample>) -> Sample {
-    samples.sort_by(|a, b| a.wall.cmp(&b.wall));
+    samples.sort_by_key(|s| s.wall);
     samples[samples.len() / 2]
 }
 
@@ -213,7 +228,11 @@ fn bid_schema() -> Arc<Schema> {
         Field::new("price", DataType::Int64, true),
         Field::new("channel", DataType::Utf8, true),
         Field::new("url", DataType::Utf8, true),
-        Field::new("date_time", DataType::Timestamp(TimeUnit::Nanosecond, None), true),
+        Field::new(
+            "date_time",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            true,
+        ),
         Field::new("extra", DataType::Utf8, true),
     ]))
 }
@@ -356,7 +375,10 @@ async fn bench(options: Options) -> Result<()> {
                 cpu: cpu_time().saturating_sub(c),
                 rss_mib: peak_rss_mib(),
             });
-            eprintln!("{} run {run}: weir {:?}, batch {:?}", q.name, weir_samples[run].wall, batch_samples[run].wall);
+            eprintln!(
+                "{} run {run}: weir {:?}, batch {:?}",
+                q.name, weir_samples[run].wall, batch_samples[run].wall
+            );
         }
         let ws = median(weir_samples);
         let bs = median(batch_samples);
@@ -383,7 +405,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tokio runtime: {e}");

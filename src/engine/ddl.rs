@@ -30,7 +30,11 @@ pub(super) struct TableDefinition {
     has_query: bool,
 }
 
-pub(super) async fn plan_definition(weir: &Weir, sql: &str, stmt: &Statement) -> WeirResult<TableDefinition> {
+pub(super) async fn plan_definition(
+    weir: &Weir,
+    sql: &str,
+    stmt: &Statement,
+) -> WeirResult<TableDefinition> {
     let state = weir.inner.ctx.state();
     let plan = state
         .statement_to_plan(df_statement(stmt))

@@ -37,8 +37,8 @@ pub use crate::queue::subscription::Delivery;
 pub use crate::queue::topic::{Message, Published};
 use crate::queue::{LogConfig, LogError};
 use crate::sql::SqlParser;
-use crate::types::{SqlState, WeirError, WeirResult};
 pub use crate::stream::TaskHandle;
+use crate::types::{SqlState, WeirError, WeirResult};
 
 /// The database name clients see (any name a client asks for maps to it).
 pub const DATABASE_NAME: &str = "weir";

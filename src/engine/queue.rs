@@ -529,7 +529,10 @@ pub(super) async fn execute(
                     SqlState("2BP01"),
                     format!("cannot drop topic \"{name}\" because other objects depend on it"),
                 )
-                .with_detail(format!("subscriptions and sources: {}", dependants.join(", ")))
+                .with_detail(format!(
+                    "subscriptions and sources: {}",
+                    dependants.join(", ")
+                ))
                 .with_hint("drop the subscriptions and sources first"));
             }
             if let Some(relation) = weir.inner.catalog.drop_relation(name)? {

@@ -398,9 +398,7 @@ impl Session {
                 )
                 .with_hint("Weir speaks UTF8 only: SET client_encoding = 'UTF8'"));
             }
-            ("streaming_parallelism", _) => {
-                super::stream::parse_parallelism(&value)?.to_string()
-            }
+            ("streaming_parallelism", _) => super::stream::parse_parallelism(&value)?.to_string(),
             _ => value,
         };
         self.settings.insert(name.clone(), value.clone());

@@ -65,7 +65,12 @@ pub struct SourceHandle {
 impl SourceHandle {
     fn reader(&self) -> WeirResult<TopicSource> {
         let required = self.watermark.map(|w| vec![w.column]).unwrap_or_default();
-        TopicSource::try_new(self.topic.clone(), self.schema.clone(), self.format, required)
+        TopicSource::try_new(
+            self.topic.clone(),
+            self.schema.clone(),
+            self.format,
+            required,
+        )
     }
 }
 
@@ -111,7 +116,11 @@ impl Weir {
     }
 
     /// Registers a relation with DataFusion and with the window functions' lookup.
-    pub(super) fn register_relation(&self, name: &str, provider: Arc<dyn TableProvider>) -> WeirResult<()> {
+    pub(super) fn register_relation(
+        &self,
+        name: &str,
+        provider: Arc<dyn TableProvider>,
+    ) -> WeirResult<()> {
         self.inner
             .ctx
             .register_table(name, provider.clone())
@@ -202,7 +211,11 @@ pub(super) async fn execute(
                         SqlState("42809"),
                         format!("\"{name}\" is not a source"),
                     )
-                    .with_hint(format!("it is a {}; use DROP {}", r.kind.noun(), r.kind.noun().to_uppercase())));
+                    .with_hint(format!(
+                        "it is a {}; use DROP {}",
+                        r.kind.noun(),
+                        r.kind.noun().to_uppercase()
+                    )));
                 }
                 None if *if_exists => return Ok(command("DROP SOURCE")),
                 None => return Err(undefined("source", name)),
@@ -316,7 +329,10 @@ fn undefined(kind: &str, name: &str) -> WeirError {
         SqlState::UNDEFINED_TABLE,
         format!("{kind} \"{name}\" does not exist"),
     )
-    .with_hint(format!("use DROP {} IF EXISTS to ignore a missing one", kind.to_uppercase()))
+    .with_hint(format!(
+        "use DROP {} IF EXISTS to ignore a missing one",
+        kind.to_uppercase()
+    ))
 }
 
 /// Views that read `name`, directly or through other views, dependants last.
@@ -462,7 +478,10 @@ async fn watermark_spec(
     let column = schema.index_of(&w.column).map_err(|_| {
         WeirError::new(
             SqlState::UNDEFINED_COLUMN,
-            format!("watermark column \"{}\" is not a column of the source", w.column),
+            format!(
+                "watermark column \"{}\" is not a column of the source",
+                w.column
+            ),
         )
     })?;
     if schema.field(column).data_type()
@@ -531,7 +550,11 @@ async fn watermark_spec(
 pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<()> {
     let statement = match weir.parse(&relation.sql)?.pop() {
         Some(crate::sql::Statement::Weir(w)) => w,
-        _ => return Err(WeirError::internal("source definition is not CREATE SOURCE")),
+        _ => {
+            return Err(WeirError::internal(
+                "source definition is not CREATE SOURCE",
+            ));
+        }
     };
     let def = source_definition(weir, &statement).await?;
     let topic = match &def.topic_name {
@@ -549,10 +572,12 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
             }
             let name = relation.name.clone();
             Arc::new(
-                tokio::task::spawn_blocking(move || Topic::open(&dir, config).map(|t| t.with_name(name)))
-                    .await
-                    .map_err(|e| WeirError::internal(format!("opening source topic: {e}")))?
-                    .map_err(queue::queue_error)?,
+                tokio::task::spawn_blocking(move || {
+                    Topic::open(&dir, config).map(|t| t.with_name(name))
+                })
+                .await
+                .map_err(|e| WeirError::internal(format!("opening source topic: {e}")))?
+                .map_err(queue::queue_error)?,
             )
         }
     };
@@ -597,7 +622,9 @@ async fn plan_view(weir: &Weir, query: &str) -> WeirResult<(LogicalPlan, BTreeSe
         .statement_to_plan(ddl::df_statement(stmt))
         .await
         .map_err(|e| from_datafusion(e, query))?;
-    let plan = state.optimize(&plan).map_err(|e| from_datafusion(e, query))?;
+    let plan = state
+        .optimize(&plan)
+        .map_err(|e| from_datafusion(e, query))?;
     let mut depends_on = BTreeSet::new();
     collect_relations(&plan, &mut depends_on)?;
     Ok((plan, depends_on))
@@ -750,7 +777,11 @@ fn start_view(
 pub(super) async fn open_view(weir: &Weir, relation: Relation) -> WeirResult<()> {
     let statement = match weir.parse(&relation.sql)?.pop() {
         Some(crate::sql::Statement::Weir(w)) => w,
-        _ => return Err(WeirError::internal("view definition is not CREATE MATERIALIZED VIEW")),
+        _ => {
+            return Err(WeirError::internal(
+                "view definition is not CREATE MATERIALIZED VIEW",
+            ));
+        }
     };
     let WeirStatement::CreateMaterializedView {
         query,
@@ -758,7 +789,9 @@ pub(super) async fn open_view(weir: &Weir, relation: Relation) -> WeirResult<()>
         ..
     } = statement
     else {
-        return Err(WeirError::internal("view definition is not CREATE MATERIALIZED VIEW"));
+        return Err(WeirError::internal(
+            "view definition is not CREATE MATERIALIZED VIEW",
+        ));
     };
     let parallelism = relation
         .sql
@@ -771,7 +804,14 @@ pub(super) async fn open_view(weir: &Weir, relation: Relation) -> WeirResult<()>
     };
     let (plan, depends_on) = plan_view(weir, &query).await?;
     let dataflow = build_dataflow(weir, &plan, emit_on_window_close, &query, parallelism)?;
-    start_view(weir, relation, plan, emit_on_window_close, depends_on, dataflow)
+    start_view(
+        weir,
+        relation,
+        plan,
+        emit_on_window_close,
+        depends_on,
+        dataflow,
+    )
 }
 
 /// A source as a relation: `SELECT` decodes its topic's retained history (bad messages are

@@ -25,18 +25,14 @@ use super::from_datafusion;
 use super::window::{WindowShape, WindowTable};
 use crate::stream::{
     AggregateMode, AggregateOperator, Dataflow, DataflowBuilder, Endpoint, ExchangeOperator,
-    FilterOperator,
-    ProjectOperator, SessionOperator, UnionOperator, WindowKey, WindowOperator,
+    FilterOperator, ProjectOperator, SessionOperator, UnionOperator, WindowKey, WindowOperator,
 };
 use crate::types::{SqlState, WeirError, WeirResult};
 
 /// How a relation named in a view's query is streamed.
 pub enum Resolved {
     /// An input added to the builder (a source or a table).
-    Input {
-        at: Endpoint,
-        append_only: bool,
-    },
+    Input { at: Endpoint, append_only: bool },
     /// Another materialized view: compiled inline from its plan.
     View {
         plan: LogicalPlan,
@@ -170,7 +166,11 @@ impl Compiler<'_> {
                         WindowShape::Fixed(kind) => {
                             windows.push(Some(kind.size_ns()));
                             windows.push(Some(0));
-                            Box::new(WindowOperator::new(*kind, window.time_column, schema.clone()))
+                            Box::new(WindowOperator::new(
+                                *kind,
+                                window.time_column,
+                                schema.clone(),
+                            ))
                         }
                         WindowShape::Session { gap_ns, keys } => {
                             if !input.append_only {
@@ -285,7 +285,10 @@ impl Compiler<'_> {
             }
             LogicalPlan::Aggregate(a) => {
                 let input = self.node(&a.input, eowc, closes)?;
-                if a.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
+                if a.group_expr
+                    .iter()
+                    .any(|e| matches!(e, Expr::GroupingSet(_)))
+                {
                     return Err(not_streamable(
                         "GROUPING SETS, ROLLUP and CUBE",
                         "create one materialized view per grouping",
@@ -297,8 +300,11 @@ impl Compiler<'_> {
                     .iter()
                     .map(|e| self.physical(e, a.input.schema()))
                     .collect::<WeirResult<Vec<_>>>()?;
-                let group_names: Vec<String> =
-                    a.group_expr.iter().map(|e| e.schema_name().to_string()).collect();
+                let group_names: Vec<String> = a
+                    .group_expr
+                    .iter()
+                    .map(|e| e.schema_name().to_string())
+                    .collect();
                 let mut aggs = Vec::with_capacity(a.aggr_expr.len());
                 for e in &a.aggr_expr {
                     #[allow(deprecated)]

@@ -138,7 +138,9 @@ impl WindowFunction {
     fn usage(&self) -> &'static str {
         match self.name {
             "tumble" => "TUMBLE(relation, time_column, INTERVAL '1' MINUTE)",
-            "hop" => "HOP(relation, time_column, INTERVAL '10' SECOND (slide), INTERVAL '1' MINUTE (size))",
+            "hop" => {
+                "HOP(relation, time_column, INTERVAL '10' SECOND (slide), INTERVAL '1' MINUTE (size))"
+            }
             _ => "SESSION(relation, time_column, INTERVAL '30' SECOND (gap) [, key column, ...])",
         }
     }
@@ -224,9 +226,8 @@ impl TableFunctionImpl for WindowFunction {
                 let slide_ns = self.interval_arg(&exprs[2], "slide")?;
                 let size_ns = self.interval_arg(&exprs[3], "size")?;
                 if size_ns % slide_ns != 0 {
-                    return Err(self.error(
-                        "HOP: the size must be a whole multiple of the slide".to_string(),
-                    ));
+                    return Err(self
+                        .error("HOP: the size must be a whole multiple of the slide".to_string()));
                 }
                 WindowShape::Fixed(WindowKind::Hop { slide_ns, size_ns })
             }

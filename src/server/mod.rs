@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+pub use crate::engine::TaskHandle;
 use crate::engine::{Weir, WeirConfig};
 use crate::types::{SqlState, WeirError, WeirResult};
-pub use crate::engine::TaskHandle;
 
 /// Where to listen and where the data lives.
 #[derive(Debug, Clone)]

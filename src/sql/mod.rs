@@ -17,9 +17,7 @@ use crate::types::{SqlState, WeirError, WeirResult};
 mod rewrite;
 mod weir;
 
-pub use weir::{
-    Options, SeekTarget, WatermarkDef, WeirStatement, parse_bytes, parse_duration_ms,
-};
+pub use weir::{Options, SeekTarget, WatermarkDef, WeirStatement, parse_bytes, parse_duration_ms};
 
 /// One parsed statement: PostgreSQL's grammar (sqlparser) or Weir's own.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,9 +129,9 @@ pub fn flink_windows(text: &str) -> String {
             let a = next(i + 1);
             let b = next(a + 1);
             let wraps_window = tokens.get(a) == Some(&Token::LParen)
-                && tokens.get(b).is_some_and(|t| {
-                    ["TUMBLE", "HOP", "SESSION"].iter().any(|w| is_word(t, w))
-                });
+                && tokens
+                    .get(b)
+                    .is_some_and(|t| ["TUMBLE", "HOP", "SESSION"].iter().any(|w| is_word(t, w)));
             if wraps_window {
                 depth += 1;
                 drop_close.push(depth);

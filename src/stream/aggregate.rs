@@ -37,6 +37,9 @@ use super::project::eval_error;
 use super::{EventTime, NO_WATERMARK, Operator};
 use crate::types::{ChangeBatch, WeirError, WeirResult};
 
+/// An aggregate function with its optional `FILTER (WHERE ...)`.
+pub type AggregateInput = (Arc<AggregateFunctionExpr>, Option<Arc<dyn PhysicalExpr>>);
+
 /// When results leave the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AggregateMode {
@@ -120,7 +123,7 @@ impl AggregateOperator {
     pub fn try_new(
         group_exprs: Vec<Arc<dyn PhysicalExpr>>,
         group_names: Vec<String>,
-        aggs: Vec<(Arc<AggregateFunctionExpr>, Option<Arc<dyn PhysicalExpr>>)>,
+        aggs: Vec<AggregateInput>,
         input_schema: &arrow::datatypes::Schema,
         schema: SchemaRef,
         mode: AggregateMode,
@@ -272,10 +275,9 @@ impl AggregateOperator {
                 Some(acc) => acc.evaluate().map_err(eval_error)?,
                 None => {
                     let mut acc = agg.expr.create_accumulator().map_err(eval_error)?;
-                    let converter = agg
-                        .converter
-                        .as_ref()
-                        .ok_or_else(|| WeirError::internal("recompute aggregate without converter"))?;
+                    let converter = agg.converter.as_ref().ok_or_else(|| {
+                        WeirError::internal("recompute aggregate without converter")
+                    })?;
                     if !group.values[a].is_empty() {
                         let mut rows = converter.empty_rows(group.values[a].len(), 64);
                         let parser = converter.parser();
@@ -298,7 +300,10 @@ impl AggregateOperator {
     }
 
     /// Output rows for `(key, values, weight)` triples.
-    fn rows(&self, rows: Vec<(Vec<ScalarValue>, Vec<ScalarValue>, i64)>) -> WeirResult<ChangeBatch> {
+    fn rows(
+        &self,
+        rows: Vec<(Vec<ScalarValue>, Vec<ScalarValue>, i64)>,
+    ) -> WeirResult<ChangeBatch> {
         let n_keys = self.group_exprs.len();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         for c in 0..self.schema.fields().len() {
@@ -336,7 +341,9 @@ impl AggregateOperator {
     fn emit_dirty(&mut self, dirty: Vec<usize>, out: &mut Vec<ChangeBatch>) -> WeirResult<()> {
         let mut rows = Vec::new();
         for slot in dirty {
-            let Some(mut group) = self.groups[slot].take() else { continue };
+            let Some(mut group) = self.groups[slot].take() else {
+                continue;
+            };
             group.dirty = false;
             let alive = group.count > 0 || self.is_global();
             if group.count < 0 {
@@ -469,7 +476,8 @@ impl Operator for AggregateOperator {
         }
         // Arguments of every aggregate, with its FILTER applied as a mask.
         let mut args: Vec<Vec<ArrayRef>> = Vec::with_capacity(self.aggs.len());
-        let mut masks: Vec<Option<arrow::array::BooleanArray>> = Vec::with_capacity(self.aggs.len());
+        let mut masks: Vec<Option<arrow::array::BooleanArray>> =
+            Vec::with_capacity(self.aggs.len());
         for agg in &self.aggs {
             args.push(
                 agg.expr
@@ -537,9 +545,9 @@ impl Operator for AggregateOperator {
                             let converter = agg.converter.as_ref().ok_or_else(|| {
                                 WeirError::internal("recompute aggregate without converter")
                             })?;
-                            let encoded = converter
-                                .convert_columns(&values)
-                                .map_err(|e| WeirError::internal(format!("aggregate values: {e}")))?;
+                            let encoded = converter.convert_columns(&values).map_err(|e| {
+                                WeirError::internal(format!("aggregate values: {e}"))
+                            })?;
                             let map = &mut group.values[a];
                             for r in encoded.iter() {
                                 let entry = map.entry(r.as_ref().to_vec()).or_insert(0);
@@ -577,7 +585,9 @@ impl Operator for AggregateOperator {
             let mut rows = Vec::new();
             for (end, slots) in closed {
                 for slot in slots {
-                    let Some(group) = self.groups[slot].as_mut() else { continue };
+                    let Some(group) = self.groups[slot].as_mut() else {
+                        continue;
+                    };
                     if group.window_end != Some(end) {
                         continue; // the slot was reused by a later group
                     }

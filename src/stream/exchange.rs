@@ -97,7 +97,11 @@ impl ExchangeOperator {
     }
 
     /// Sends one job per worker (`None`: nothing for it) and gathers the replies.
-    fn round(&mut self, jobs: Vec<Option<Job>>, out: &mut Vec<ChangeBatch>) -> WeirResult<Option<EventTime>> {
+    fn round(
+        &mut self,
+        jobs: Vec<Option<Job>>,
+        out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<Option<EventTime>> {
         let mut sent = Vec::with_capacity(jobs.len());
         for (worker, job) in self.workers.iter().zip(jobs) {
             let has = job.is_some();

@@ -27,12 +27,12 @@ mod window;
 pub use aggregate::{AggregateMode, AggregateOperator, WindowKey};
 pub use exchange::ExchangeOperator;
 pub use project::{FilterOperator, ProjectOperator};
+pub(crate) use runtime::filter_change;
 pub use runtime::{
     Control, Dataflow, DataflowBuilder, Endpoint, NodeId, Progress, RunningDataflow, ViewOutput,
 };
-pub(crate) use runtime::filter_change;
-pub use source::{DeadLetter, LateRow, SourceStats, WatermarkSpec};
 pub use session::{SessionOperator, assign_sessions};
+pub use source::{DeadLetter, LateRow, SourceStats, WatermarkSpec};
 pub use task::TaskHandle;
 pub use union::UnionOperator;
 pub use window::{WindowKind, WindowOperator};

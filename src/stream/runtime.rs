@@ -156,6 +156,9 @@ pub struct ViewOutput {
     pub progress: Arc<Mutex<Progress>>,
 }
 
+/// A `FLUSH` waiting for the inputs to reach these positions.
+type PendingFlush = (Vec<Vec<u64>>, oneshot::Sender<WeirResult<()>>);
+
 /// Control messages to a running dataflow. Closing the channel stops it.
 pub enum Control {
     /// Answer once every input has read all that was published when this arrived.
@@ -263,8 +266,12 @@ impl Dataflow {
         })
     }
 
-    async fn run(mut self, output: ViewOutput, mut control: mpsc::Receiver<Control>) -> WeirResult<()> {
-        let mut pending: Vec<(Vec<Vec<u64>>, oneshot::Sender<WeirResult<()>>)> = Vec::new();
+    async fn run(
+        mut self,
+        output: ViewOutput,
+        mut control: mpsc::Receiver<Control>,
+    ) -> WeirResult<()> {
+        let mut pending: Vec<PendingFlush> = Vec::new();
         let result = self.run_loop(&output, &mut control, &mut pending).await;
         if let Err(e) = &result {
             for (_, reply) in pending {
@@ -282,7 +289,7 @@ impl Dataflow {
         &mut self,
         output: &ViewOutput,
         control: &mut mpsc::Receiver<Control>,
-        pending: &mut Vec<(Vec<Vec<u64>>, oneshot::Sender<WeirResult<()>>)>,
+        pending: &mut Vec<PendingFlush>,
     ) -> WeirResult<()> {
         let mut out = Vec::new();
         for n in 0..self.nodes.len() {

@@ -29,7 +29,12 @@ fn internal(context: &str) -> impl Fn(arrow::error::ArrowError) -> WeirError + '
 }
 
 /// The input rows with `window_start`, `window_end` appended.
-fn with_bounds(rows: &RecordBatch, start: i64, end: i64, schema: &SchemaRef) -> WeirResult<RecordBatch> {
+fn with_bounds(
+    rows: &RecordBatch,
+    start: i64,
+    end: i64,
+    schema: &SchemaRef,
+) -> WeirResult<RecordBatch> {
     let n = rows.num_rows();
     let mut columns: Vec<ArrayRef> = rows.columns().to_vec();
     columns.push(Arc::new(TimestampNanosecondArray::from(vec![start; n])));
@@ -65,7 +70,8 @@ pub fn assign_sessions(
         options: None,
     });
     let order = lexsort_to_indices(&sort, None).map_err(internal("session sort"))?;
-    let sorted = arrow::compute::take_record_batch(rows, &order).map_err(internal("session sort"))?;
+    let sorted =
+        arrow::compute::take_record_batch(rows, &order).map_err(internal("session sort"))?;
     let key_rows = if keys.is_empty() {
         None
     } else {
@@ -76,7 +82,11 @@ pub fn assign_sessions(
         )
         .map_err(internal("session keys"))?;
         let cols: Vec<ArrayRef> = keys.iter().map(|&k| sorted.column(k).clone()).collect();
-        Some(converter.convert_columns(&cols).map_err(internal("session keys"))?)
+        Some(
+            converter
+                .convert_columns(&cols)
+                .map_err(internal("session keys"))?,
+        )
     };
     let t = times(&sorted, time_column)?;
     let n = sorted.num_rows();
@@ -207,7 +217,10 @@ impl SessionOperator {
     }
 }
 
-fn weighted(batches: Vec<(RecordBatch, i64)>, schema: &SchemaRef) -> WeirResult<Option<ChangeBatch>> {
+fn weighted(
+    batches: Vec<(RecordBatch, i64)>,
+    schema: &SchemaRef,
+) -> WeirResult<Option<ChangeBatch>> {
     if batches.is_empty() {
         return Ok(None);
     }
@@ -248,7 +261,11 @@ impl Operator for SessionOperator {
         batch: ChangeBatch,
         out: &mut Vec<ChangeBatch>,
     ) -> WeirResult<()> {
-        if batch.weights.as_ref().is_some_and(|w| w.values().iter().any(|&x| x < 0)) {
+        if batch
+            .weights
+            .as_ref()
+            .is_some_and(|w| w.values().iter().any(|&x| x < 0))
+        {
             return Err(WeirError::unsupported(
                 "SESSION windows over rows that are deleted or updated are not supported",
                 "use SESSION over a source (append-only)",
@@ -258,7 +275,8 @@ impl Operator for SessionOperator {
         let t = times(&rows, self.time_column)?.clone();
         let keys = match &self.converter {
             Some(c) => {
-                let cols: Vec<ArrayRef> = self.keys.iter().map(|&k| rows.column(k).clone()).collect();
+                let cols: Vec<ArrayRef> =
+                    self.keys.iter().map(|&k| rows.column(k).clone()).collect();
                 Some(c.convert_columns(&cols).map_err(internal("session keys"))?)
             }
             None => None,
@@ -308,7 +326,9 @@ impl Operator for SessionOperator {
         if self.eager {
             let mut changes = retractions;
             for key in touched {
-                let Some(list) = self.sessions.get_mut(&key) else { continue };
+                let Some(list) = self.sessions.get_mut(&key) else {
+                    continue;
+                };
                 let mut list = std::mem::take(list);
                 for s in list.iter_mut() {
                     let bounds = (s.start, s.end(gap));

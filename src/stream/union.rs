@@ -47,7 +47,12 @@ impl Operator for UnionOperator {
         if let Some(w) = self.watermarks.get_mut(input) {
             *w = (*w).max(watermark);
         }
-        let min = self.watermarks.iter().copied().min().unwrap_or(NO_WATERMARK);
+        let min = self
+            .watermarks
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(NO_WATERMARK);
         if min > self.sent {
             self.sent = min;
             return Ok(Some(min));

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, TimestampNanosecondArray, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, Int64Array, RecordBatch, TimestampNanosecondArray, UInt32Array,
+};
 use arrow::compute::take;
 use arrow::datatypes::SchemaRef;
 
@@ -126,7 +128,9 @@ impl Operator for WindowOperator {
         batch: ChangeBatch,
         out: &mut Vec<ChangeBatch>,
     ) -> WeirResult<()> {
-        let (rows, indices) = self.kind.assign(&batch.rows, self.time_column, &self.schema)?;
+        let (rows, indices) = self
+            .kind
+            .assign(&batch.rows, self.time_column, &self.schema)?;
         let weights = match &batch.weights {
             Some(w) => Some(
                 take(w, &indices, None)

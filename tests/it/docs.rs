@@ -79,7 +79,8 @@ async fn sql_reference_examples_run() {
     );
     let late = harness::simple_rows(&client, "SELECT event_time FROM weir_late_rows").await;
     assert_eq!(late, vec![text(&["2026-01-01 10:00:02"])]);
-    let dead = harness::simple_rows(&client, "SELECT source, \"offset\" FROM weir_dead_letters").await;
+    let dead =
+        harness::simple_rows(&client, "SELECT source, \"offset\" FROM weir_dead_letters").await;
     assert_eq!(dead, vec![text(&["clicks", "1"])]);
     let pages = harness::simple_rows(&client, "SELECT page, clicks FROM pages").await;
     assert_eq!(pages, vec![text(&["/home", "1"])]);

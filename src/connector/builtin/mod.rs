@@ -67,7 +67,9 @@ impl TopicSource {
                                 METADATA_COLUMNS[m].1
                             ),
                         )
-                        .with_hint("declare _partition INT, _offset BIGINT, _timestamp TIMESTAMP"));
+                        .with_hint(
+                            "declare _partition INT, _offset BIGINT, _timestamp TIMESTAMP",
+                        ));
                     }
                     columns.push(Some(m));
                 }
@@ -138,19 +140,14 @@ impl Source for TopicSource {
                     }
                 })
                 .collect();
-            let offsets: Vec<u64> = decoded
-                .indices
-                .iter()
-                .map(|&i| records[i].offset)
-                .collect();
+            let offsets: Vec<u64> = decoded.indices.iter().map(|&i| records[i].offset).collect();
             let mut payload_columns = decoded.rows.columns().iter();
             let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
             for column in &self.columns {
                 arrays.push(match column {
-                    None => payload_columns
-                        .next()
-                        .cloned()
-                        .ok_or_else(|| WeirError::internal("decoded fewer columns than declared"))?,
+                    None => payload_columns.next().cloned().ok_or_else(|| {
+                        WeirError::internal("decoded fewer columns than declared")
+                    })?,
                     Some(0) => Arc::new(Int32Array::from(vec![
                         partition as i32;
                         decoded.indices.len()
@@ -189,7 +186,9 @@ impl Source for TopicSource {
     }
 
     async fn wait(&self, deadline: tokio::time::Instant) {
-        self.topic.wait_for_messages(&self.positions, deadline).await;
+        self.topic
+            .wait_for_messages(&self.positions, deadline)
+            .await;
     }
 
     fn append_only(&self) -> bool {
