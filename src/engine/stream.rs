@@ -35,6 +35,7 @@ use super::{Weir, ddl, queue};
 use crate::catalog::{Relation, RelationKind};
 use crate::connector::api::Source;
 use crate::connector::builtin::{METADATA_COLUMNS, TableSource, TopicSource};
+use crate::connector::nexmark::{self, NexmarkConfig, NexmarkSource};
 use crate::format::decode::{SourceFormat, encode_csv, encode_json};
 use crate::plan::from_datafusion;
 use crate::plan::stream::{Resolved, StreamCatalog, compile};
@@ -52,7 +53,10 @@ const SOURCE_OPTIONS: &[&str] = &["connector", "topic", "partitions"];
 /// An open source.
 pub struct SourceHandle {
     pub relation: Relation,
-    pub topic: Arc<Topic>,
+    /// The topic read (`None` for a generator).
+    pub topic: Option<Arc<Topic>>,
+    /// Set for `connector = 'nexmark'`.
+    pub nexmark: Option<NexmarkConfig>,
     /// The topic's name (a named topic) or `None` (the source's own).
     pub topic_name: Option<String>,
     pub schema: SchemaRef,
@@ -63,14 +67,42 @@ pub struct SourceHandle {
 }
 
 impl SourceHandle {
-    fn reader(&self) -> WeirResult<TopicSource> {
+    fn reader(&self) -> WeirResult<Box<dyn Source>> {
+        if let Some(config) = self.nexmark {
+            return Ok(Box::new(NexmarkSource::try_new(
+                config,
+                self.schema.clone(),
+            )?));
+        }
+        let topic = self
+            .topic
+            .clone()
+            .ok_or_else(|| WeirError::internal("source without a topic or generator"))?;
         let required = self.watermark.map(|w| vec![w.column]).unwrap_or_default();
-        TopicSource::try_new(
-            self.topic.clone(),
+        Ok(Box::new(TopicSource::try_new(
+            topic,
             self.schema.clone(),
             self.format,
             required,
-        )
+        )?))
+    }
+
+    /// The delivery guarantee views get, for `SHOW SOURCES`.
+    pub fn delivery(&self) -> &'static str {
+        if self.nexmark.is_some() {
+            "exactly once: a deterministic generator, replayed on restart"
+        } else {
+            "exactly once: views are rebuilt from the retained log"
+        }
+    }
+
+    /// What the source reads, for `weir_sources`.
+    pub fn origin(&self) -> String {
+        match (&self.nexmark, &self.topic_name) {
+            (Some(c), _) => format!("nexmark generator ({} bids)", c.events),
+            (None, Some(t)) => t.clone(),
+            (None, None) => format!("{} (own)", self.relation.name),
+        }
     }
 }
 
@@ -387,6 +419,7 @@ pub(super) fn refuse_if_read(weir: &Weir, name: &str, kind: &str) -> WeirResult<
 /// A `CREATE SOURCE` checked and planned.
 struct SourceDefinition {
     schema: SchemaRef,
+    nexmark: Option<NexmarkConfig>,
     format: SourceFormat,
     watermark: Option<WatermarkSpec>,
     watermark_text: Option<String>,
@@ -409,11 +442,29 @@ async fn source_definition(weir: &Weir, statement: &WeirStatement) -> WeirResult
     let format = SourceFormat::parse(format)?;
     let mut topic_name = None;
     let mut topic_options = Vec::new();
-    for (key, value) in options {
+    let is_nexmark = options
+        .iter()
+        .any(|(k, v)| k == "connector" && v.eq_ignore_ascii_case("nexmark"));
+    let nexmark = if is_nexmark {
+        if let Some((key, _)) = options
+            .iter()
+            .find(|(k, _)| !nexmark::OPTIONS.contains(&k.as_str()))
+        {
+            return Err(WeirError::new(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("unknown option \"{key}\" for connector 'nexmark'"),
+            )
+            .with_hint(format!("valid options: {}", nexmark::OPTIONS.join(", "))));
+        }
+        Some(NexmarkConfig::from_options(options)?)
+    } else {
+        None
+    };
+    for (key, value) in options.iter().filter(|_| !is_nexmark) {
         match key.as_str() {
             "connector" => match value.to_ascii_lowercase().as_str() {
                 "builtin" => {}
-                "rabbitmq" | "nats" | "mqtt" | "kafka" | "nexmark" | "datagen" | "file" => {
+                "rabbitmq" | "nats" | "mqtt" | "kafka" | "datagen" | "file" => {
                     return Err(WeirError::unsupported(
                         format!("connector '{value}' is not available yet"),
                         "use connector = 'builtin' (a Weir topic); broker connectors are being built",
@@ -424,7 +475,7 @@ async fn source_definition(weir: &Weir, statement: &WeirStatement) -> WeirResult
                         SqlState::INVALID_PARAMETER_VALUE,
                         format!("unknown connector '{other}'"),
                     )
-                    .with_hint("valid connectors: builtin"));
+                    .with_hint("valid connectors: builtin, nexmark"));
                 }
             },
             "topic" => topic_name = Some(value.clone()),
@@ -461,6 +512,7 @@ async fn source_definition(weir: &Weir, statement: &WeirStatement) -> WeirResult
     };
     Ok(SourceDefinition {
         schema,
+        nexmark,
         format,
         watermark,
         watermark_text,
@@ -558,7 +610,8 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
     };
     let def = source_definition(weir, &statement).await?;
     let topic = match &def.topic_name {
-        Some(name) => weir.topic_arc(name)?,
+        _ if def.nexmark.is_some() => None,
+        Some(name) => Some(weir.topic_arc(name)?),
         None => {
             let dir = weir.storage_dir("sources", relation.id);
             let mut config = TopicConfig::default();
@@ -571,19 +624,20 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
                 })?;
             }
             let name = relation.name.clone();
-            Arc::new(
+            Some(Arc::new(
                 tokio::task::spawn_blocking(move || {
                     Topic::open(&dir, config).map(|t| t.with_name(name))
                 })
                 .await
                 .map_err(|e| WeirError::internal(format!("opening source topic: {e}")))?
                 .map_err(queue::queue_error)?,
-            )
+            ))
         }
     };
     let handle = Arc::new(SourceHandle {
         stats: Arc::new(SourceStats::new(relation.name.clone())),
         topic,
+        nexmark: def.nexmark,
         topic_name: def.topic_name,
         schema: def.schema,
         format: def.format,
@@ -660,7 +714,7 @@ impl StreamCatalog for Inputs<'_> {
         if let Some(source) = self.weir.lock_sources().get(name).cloned() {
             let at = builder.input(
                 name,
-                Box::new(source.reader()?),
+                source.reader()?,
                 source.watermark,
                 drop_late,
                 Some(source.stats.clone()),
@@ -947,7 +1001,15 @@ impl DataSink for SourceSink {
             }));
         }
         let n = messages.len() as u64;
-        let topic = self.source.topic.clone();
+        let topic = self.source.topic.clone().ok_or_else(|| {
+            to_df(WeirError::unsupported(
+                format!(
+                    "source \"{}\" is a generator and cannot be written to",
+                    self.source.relation.name
+                ),
+                "INSERT into a source over a topic",
+            ))
+        })?;
         tokio::task::spawn_blocking(move || topic.publish(&messages))
             .await
             .map_err(|e| to_df(WeirError::internal(format!("publish task: {e}"))))?

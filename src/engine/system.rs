@@ -217,18 +217,12 @@ impl SystemKind {
                 let s = weir.open_sources();
                 vec![
                     strings(s.iter().map(|s| s.relation.name.clone())),
-                    strings(s.iter().map(|s| {
-                        s.topic_name
-                            .clone()
-                            .unwrap_or_else(|| format!("{} (own)", s.relation.name))
-                    })),
+                    strings(s.iter().map(|s| s.origin())),
                     strings(s.iter().map(|s| s.format.name().to_string())),
                     Arc::new(StringArray::from_iter(
                         s.iter().map(|s| s.watermark_text.clone()),
                     )),
-                    strings(s.iter().map(|_| {
-                        "exactly once: views are rebuilt from the retained log".to_string()
-                    })),
+                    strings(s.iter().map(|s| s.delivery().to_string())),
                 ]
             }
             SystemKind::SourceStats => {
