@@ -13,6 +13,8 @@
 //! - *weir*: the bids are published to a topic first (not timed); then `CREATE MATERIALIZED
 //!   VIEW` + `FLUSH` is timed: the view backfills the whole topic (read, decode, watermark,
 //!   operators, view state).
+//! - *generator*: the same views over `connector = 'nexmark'` with as many bids (no bytes to
+//!   read or decode: the operators' own cost).
 //!
 //! Medians of `--runs` runs. Nothing is written into the repository.
 
@@ -322,6 +324,16 @@ async fn bench(options: Options) -> Result<()> {
          WITH (connector = 'builtin', topic = 'bids_topic') FORMAT JSON",
     )
     .await?;
+    run_sql(
+        &mut session,
+        &format!(
+            "CREATE SOURCE nxbids (auction BIGINT, bidder BIGINT, price BIGINT, channel VARCHAR, \
+             url VARCHAR, date_time TIMESTAMP, extra VARCHAR, \
+             WATERMARK FOR date_time AS date_time - INTERVAL '4' SECOND) \
+             WITH (connector = 'nexmark', events = '{n}')"
+        ),
+    )
+    .await?;
     for chunk in lines.chunks(10_000) {
         let messages = chunk
             .iter()
@@ -335,11 +347,11 @@ async fn bench(options: Options) -> Result<()> {
     }
 
     println!(
-        "| query | what | Weir M events/s | Weir M events/CPU-s | Weir peak RSS MiB | DataFusion batch M events/CPU-s | batch peak RSS MiB | Weir / batch (CPU) |"
+        "| query | what | Weir M events/s | Weir M events/CPU-s | Weir peak RSS MiB | DataFusion batch M events/CPU-s | batch peak RSS MiB | Weir / batch (CPU) | generator source M events/CPU-s |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| decode | arrow-json alone, same bytes | {:.2} | {:.2} | {:.0} | | | |",
+        "| decode | arrow-json alone, same bytes | {:.2} | {:.2} | {:.0} | | | | |",
         per_s(n, &decode),
         per_cpu_s(n, &decode),
         decode.rss_mib
@@ -347,24 +359,34 @@ async fn bench(options: Options) -> Result<()> {
     for (i, q) in options.queries.iter().enumerate() {
         let mut weir_samples = Vec::new();
         let mut batch_samples = Vec::new();
+        let mut generator_samples = Vec::new();
+        let emit = if q.emit_on_window_close {
+            " EMIT ON WINDOW CLOSE"
+        } else {
+            ""
+        };
         for run in 0..options.runs {
-            let view = format!("v_{}_{i}_{run}", q.name);
-            let emit = if q.emit_on_window_close {
-                " EMIT ON WINDOW CLOSE"
-            } else {
-                ""
-            };
-            let create = format!("CREATE MATERIALIZED VIEW {view} AS {}{emit}", q.sql);
-            reset_peak_rss();
-            let (w, c) = (Instant::now(), cpu_time());
-            run_sql(&mut session, &create).await?;
-            run_sql(&mut session, "FLUSH").await?;
-            weir_samples.push(Sample {
-                wall: w.elapsed(),
-                cpu: cpu_time().saturating_sub(c),
-                rss_mib: peak_rss_mib(),
-            });
-            run_sql(&mut session, &format!("DROP MATERIALIZED VIEW {view}")).await?;
+            for (source, samples) in [
+                ("bids", &mut weir_samples),
+                ("nxbids", &mut generator_samples),
+            ] {
+                let view = format!("v_{}_{source}_{i}_{run}", q.name);
+                let sql = q
+                    .sql
+                    .replace("FROM bids", &format!("FROM {source}"))
+                    .replace("(bids,", &format!("({source},"));
+                let create = format!("CREATE MATERIALIZED VIEW {view} AS {sql}{emit}");
+                reset_peak_rss();
+                let (w, c) = (Instant::now(), cpu_time());
+                run_sql(&mut session, &create).await?;
+                run_sql(&mut session, "FLUSH").await?;
+                samples.push(Sample {
+                    wall: w.elapsed(),
+                    cpu: cpu_time().saturating_sub(c),
+                    rss_mib: peak_rss_mib(),
+                });
+                run_sql(&mut session, &format!("DROP MATERIALIZED VIEW {view}")).await?;
+            }
 
             let sql = q.sql.to_string();
             reset_peak_rss();
@@ -382,8 +404,9 @@ async fn bench(options: Options) -> Result<()> {
         }
         let ws = median(weir_samples);
         let bs = median(batch_samples);
+        let gs = median(generator_samples);
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} |",
             q.name,
             q.what,
             per_s(n, &ws),
@@ -392,6 +415,7 @@ async fn bench(options: Options) -> Result<()> {
             per_cpu_s(n, &bs),
             bs.rss_mib,
             per_cpu_s(n, &ws) / per_cpu_s(n, &bs),
+            per_cpu_s(n, &gs),
         );
     }
     Ok(())

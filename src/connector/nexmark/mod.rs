@@ -177,7 +177,12 @@ impl NexmarkSource {
                         "declare any of auction BIGINT, bidder BIGINT, price BIGINT, channel VARCHAR, url VARCHAR, date_time TIMESTAMP, extra VARCHAR",
                     )
                 })?;
-                if bids.field(i).data_type() != f.data_type() {
+                let strings = |t: &DataType| {
+                    matches!(t, DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
+                };
+                let same = bids.field(i).data_type() == f.data_type()
+                    || (strings(bids.field(i).data_type()) && strings(f.data_type()));
+                if !same {
                     return Err(WeirError::new(
                         SqlState::DATATYPE_MISMATCH,
                         format!(
@@ -274,7 +279,13 @@ impl Source for NexmarkSource {
         let to = (from + max_messages.max(1) as u64).min(self.config.events);
         self.next = to;
         let all = self.generate(from, to);
-        let columns: Vec<ArrayRef> = self.columns.iter().map(|&i| all[i].clone()).collect();
+        let columns = self
+            .columns
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(&i, f)| arrow::compute::cast(&all[i], f.data_type()))
+            .collect::<Result<Vec<ArrayRef>, _>>()
+            .map_err(|e| WeirError::internal(format!("nexmark column: {e}")))?;
         let nullable = Arc::new(Schema::new(
             self.schema
                 .fields()
