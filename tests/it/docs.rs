@@ -86,3 +86,51 @@ async fn sql_reference_examples_run() {
     assert_eq!(pages, vec![text(&["/home", "1"])]);
     server.shutdown().await;
 }
+
+/// The README's first session, every ```sql block in order, through the real psql binary;
+/// then the streaming part's results are checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_session_runs_through_psql() {
+    let readme = std::fs::read_to_string(format!("{}/README.md", env!("CARGO_MANIFEST_DIR")))
+        .expect("read README.md");
+    let blocks = sql_blocks(&readme);
+    assert!(blocks.len() >= 3, "README lost its session blocks");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("session.sql");
+    std::fs::write(&script, blocks.concat()).expect("write the session script");
+    let server = TestServer::start().await;
+    let out = harness::psql(
+        server.pg_addr(),
+        &["-f", script.to_str().expect("utf-8 path")],
+    )
+    .await
+    .ok();
+    // psql printed the window that closed, and the late bid.
+    assert!(
+        out.contains("2026-01-01 10:00:03"),
+        "late row missing:\n{out}"
+    );
+    let client = server.connect().await;
+    let text = |v: &[&str]| v.iter().map(|s| Some(s.to_string())).collect::<Vec<_>>();
+    assert_eq!(
+        harness::simple_rows(&client, "SELECT * FROM per_window ORDER BY 1, 2").await,
+        vec![
+            text(&["2026-01-01 10:00:00", "1", "1", "100"]),
+            text(&["2026-01-01 10:00:00", "2", "1", "50"]),
+        ]
+    );
+    assert_eq!(
+        harness::simple_rows(&client, "SELECT * FROM sliding ORDER BY 1").await,
+        vec![
+            text(&["2026-01-01 09:59:55", "2"]),
+            text(&["2026-01-01 10:00:00", "2"]),
+            text(&["2026-01-01 10:00:10", "1"]),
+            text(&["2026-01-01 10:00:15", "1"]),
+        ]
+    );
+    assert_eq!(
+        harness::simple_rows(&client, "SELECT source, \"offset\" FROM weir_dead_letters").await,
+        vec![text(&["bid_events", "4"])]
+    );
+    server.shutdown().await;
+}
