@@ -44,11 +44,12 @@ use crate::queue::topic::{Message, Topic, TopicConfig};
 use crate::sql::{Options, WatermarkDef, WeirStatement};
 use crate::state::ZSetState;
 use crate::stream::{
-    DataflowBuilder, Progress, RunningDataflow, SourceStats, ViewOutput, WatermarkSpec,
+    DataflowBuilder, DiscardOperator, Progress, RunningDataflow, SourceStats, ViewOutput,
+    WatermarkSpec,
 };
 use crate::types::{SqlState, WeirError, WeirResult};
 
-const SOURCE_OPTIONS: &[&str] = &["connector", "topic", "partitions"];
+const SOURCE_OPTIONS: &[&str] = &["connector", "topic", "partitions", "idle_timeout"];
 
 /// An open source.
 pub struct SourceHandle {
@@ -64,6 +65,9 @@ pub struct SourceHandle {
     pub watermark: Option<WatermarkSpec>,
     pub watermark_text: Option<String>,
     pub stats: Arc<SourceStats>,
+    /// Reads the source when no view does (counts, dead letters, late rows); stopped when the
+    /// handle drops. `None` for generators.
+    monitor: Mutex<Option<RunningDataflow>>,
 }
 
 impl SourceHandle {
@@ -177,6 +181,20 @@ impl Weir {
     /// `FLUSH`: returns when every view reflects every message and table change accepted
     /// before the call.
     pub async fn flush(&self) -> WeirResult<()> {
+        for source in self.open_sources() {
+            let monitor = source
+                .monitor
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(RunningDataflow::flush_handle);
+            if let Some(monitor) = monitor {
+                monitor
+                    .flush()
+                    .await
+                    .map_err(|e| e.with_detail(format!("source \"{}\"", source.relation.name)))?;
+            }
+        }
         let views = self.open_views();
         for view in views {
             view.running.flush().await.map_err(|e| {
@@ -479,6 +497,7 @@ async fn source_definition(weir: &Weir, statement: &WeirStatement) -> WeirResult
                 }
             },
             "topic" => topic_name = Some(value.clone()),
+            "idle_timeout" => {}
             "partitions" => topic_options.push((key.clone(), value.clone())),
             other => {
                 return Err(WeirError::new(
@@ -503,12 +522,30 @@ async fn source_definition(weir: &Weir, statement: &WeirStatement) -> WeirResult
         .ok_or_else(|| WeirError::internal("empty source column list"))?;
     let def = ddl::plan_definition(weir, &table_sql, stmt).await?;
     let schema = def.schema;
+    let idle_timeout_ms = match options.iter().find(|(k, _)| k == "idle_timeout") {
+        Some((_, v)) => Some(crate::sql::parse_duration_ms(v)?.max(1)),
+        None => None,
+    };
     let (watermark, watermark_text) = match watermark {
+        None if idle_timeout_ms.is_some() => {
+            return Err(WeirError::new(
+                SqlState::INVALID_PARAMETER_VALUE,
+                "idle_timeout needs a WATERMARK",
+            )
+            .with_hint(
+                "declare WATERMARK FOR ts AS ts - INTERVAL '5' SECOND, or drop idle_timeout",
+            ));
+        }
         None => (None, None),
-        Some(w) => (
-            Some(watermark_spec(weir, &schema, w).await?),
-            Some(format!("{} AS {}", w.column, w.expr)),
-        ),
+        Some(w) => {
+            let mut spec = watermark_spec(weir, &schema, w).await?;
+            spec.idle_timeout_ms = idle_timeout_ms;
+            let idle = idle_timeout_ms.map_or(String::new(), |ms| format!(", idle after {ms}ms"));
+            (
+                Some(spec),
+                Some(format!("{} AS {}{idle}", w.column, w.expr)),
+            )
+        }
     };
     Ok(SourceDefinition {
         schema,
@@ -595,7 +632,11 @@ async fn watermark_spec(
     if delay_ns < 0 {
         return Err(bad());
     }
-    Ok(WatermarkSpec { column, delay_ns })
+    Ok(WatermarkSpec {
+        column,
+        delay_ns,
+        idle_timeout_ms: None,
+    })
 }
 
 /// Opens a source from its catalog entry (its named topic must be open).
@@ -643,9 +684,32 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
         format: def.format,
         watermark: def.watermark,
         watermark_text: def.watermark_text,
+        monitor: Mutex::new(None),
         relation: relation.clone(),
     });
-    handle.reader()?; // the schema is one the decoder takes
+    let reader = handle.reader()?; // also checks the schema is one the decoder takes
+    if handle.nexmark.is_none() {
+        let mut builder = DataflowBuilder::new();
+        let input = builder.input(
+            &relation.name,
+            reader,
+            handle.watermark,
+            false,
+            Some(handle.stats.clone()),
+        );
+        let root = builder.operator(Box::new(DiscardOperator), vec![input]);
+        let output = ViewOutput {
+            state: Arc::new(Mutex::new(ZSetState::try_new(
+                Arc::new(Schema::empty()),
+                Vec::new(),
+            )?)),
+            progress: Arc::new(Mutex::new(Progress::default())),
+        };
+        let running = builder
+            .build(root)
+            .start(&format!("source-{}", relation.name), output)?;
+        *handle.monitor.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
+    }
     weir.register_relation(
         &relation.name,
         Arc::new(SourceTable {

@@ -11,10 +11,11 @@
 //! Operator files, one each: `project.rs` (projection and filter through DataFusion
 //! `PhysicalExpr`s), `window.rs` (TUMBLE / HOP window assignment), `session.rs` (SESSION windows), `aggregate.rs` (keyed
 //! incremental aggregation with DataFusion accumulators, retraction, window close),
-//! `union.rs` (UNION ALL), `exchange.rs` (N instances of a keyed operator behind a hash
+//! `union.rs` (UNION ALL), `discard.rs` (a source's monitor), `exchange.rs` (N instances of a keyed operator behind a hash
 //! exchange, `streaming_parallelism`).
 
 mod aggregate;
+mod discard;
 mod exchange;
 mod project;
 mod runtime;
@@ -25,6 +26,7 @@ mod union;
 mod window;
 
 pub use aggregate::{AggregateMode, AggregateOperator, WindowKey};
+pub use discard::DiscardOperator;
 pub use exchange::ExchangeOperator;
 pub use project::{FilterOperator, ProjectOperator};
 pub(crate) use runtime::filter_change;

@@ -63,6 +63,8 @@ struct Input {
     max_event_time: EventTime,
     /// The last watermark sent up the tree.
     sent_watermark: EventTime,
+    /// When the input last had a message, and its largest event time then (idle timeouts).
+    last_activity: (std::time::Instant, EventTime),
 }
 
 /// Builds a [`Dataflow`] bottom-up: inputs first, then operators over them.
@@ -96,6 +98,7 @@ impl DataflowBuilder {
             parent: Parent::None,
             max_event_time: NO_WATERMARK,
             sent_watermark: NO_WATERMARK,
+            last_activity: (std::time::Instant::now(), NO_WATERMARK),
         });
         Endpoint::Input(self.inputs.len() - 1)
     }
@@ -174,6 +177,26 @@ pub struct RunningDataflow {
 
 impl RunningDataflow {
     /// Resolves when the view reflects everything published before the call.
+    pub async fn flush(&self) -> WeirResult<()> {
+        self.flush_handle().flush().await
+    }
+
+    /// A handle that can ask for a flush without holding on to the dataflow (callers keep no
+    /// lock across the wait).
+    pub fn flush_handle(&self) -> FlushHandle {
+        FlushHandle {
+            control: self.control.clone(),
+        }
+    }
+}
+
+/// Asks a running dataflow for a flush; see [`RunningDataflow::flush`].
+pub struct FlushHandle {
+    /// A sender of the dataflow's control channel; it keeps the channel open while held.
+    control: mpsc::Sender<Control>,
+}
+
+impl FlushHandle {
     pub async fn flush(&self) -> WeirResult<()> {
         let (tx, rx) = oneshot::channel();
         self.control
@@ -330,7 +353,13 @@ impl Dataflow {
             if progressed {
                 continue;
             }
-            let deadline = tokio::time::Instant::now() + IDLE_WAIT;
+            let idle_inputs = self.advance_idle_watermarks(output)?;
+            let wait = if idle_inputs {
+                IDLE_WAIT / 5
+            } else {
+                IDLE_WAIT
+            };
+            let deadline = tokio::time::Instant::now() + wait;
             let waits: Vec<_> = self
                 .inputs
                 .iter()
@@ -351,6 +380,43 @@ impl Dataflow {
                 },
             }
         }
+    }
+
+    /// Moves the watermark of inputs idle for longer than their `idle_timeout`: their event
+    /// time is taken to advance with wall-clock time since their last message. Returns whether
+    /// any input has an idle timeout (the loop then looks more often).
+    fn advance_idle_watermarks(&mut self, output: &ViewOutput) -> WeirResult<bool> {
+        let mut any = false;
+        for i in 0..self.inputs.len() {
+            let input = &mut self.inputs[i];
+            let Some(spec) = input.watermark else {
+                continue;
+            };
+            let Some(timeout_ms) = spec.idle_timeout_ms else {
+                continue;
+            };
+            any = true;
+            let (since, base) = input.last_activity;
+            let idle = since.elapsed();
+            if base == NO_WATERMARK || idle < Duration::from_millis(timeout_ms) {
+                continue;
+            }
+            let advanced = base.saturating_add(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
+            if advanced <= input.max_event_time {
+                continue;
+            }
+            input.max_event_time = advanced;
+            let w = spec.watermark(advanced);
+            if let Some(stats) = &input.stats {
+                stats.raise_watermark(w);
+            }
+            if w > input.sent_watermark {
+                input.sent_watermark = w;
+                let parent = input.parent;
+                self.push_watermark(parent, w, output)?;
+            }
+        }
+        Ok(any)
     }
 
     fn published(&self) -> Vec<Vec<u64>> {
@@ -387,6 +453,7 @@ impl Dataflow {
                 running = running.max(times.value(row));
             }
             input.max_event_time = max_event_time;
+            input.last_activity = (std::time::Instant::now(), max_event_time);
             watermark = Some(spec.watermark(max_event_time));
             if input.drop_late && !late_rows.is_empty() {
                 let keep: BooleanArray = late.iter().map(|l| Some(!l)).collect();

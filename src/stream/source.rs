@@ -26,6 +26,9 @@ pub struct WatermarkSpec {
     /// Index of the event-time column in the source's rows.
     pub column: usize,
     pub delay_ns: i64,
+    /// `idle_timeout`: after this long without a message, event time is taken to advance with
+    /// wall-clock time, so the watermark moves and windows close. `None`: it never does.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 impl WatermarkSpec {
@@ -154,6 +157,12 @@ impl SourceStats {
                 s.late.pop_front();
             }
         }
+    }
+
+    /// Raises the reported watermark (an idle source's, advanced by wall-clock time).
+    pub fn raise_watermark(&self, watermark: EventTime) {
+        let mut s = self.lock();
+        s.watermark = Some(s.watermark.map_or(watermark, |w| w.max(watermark)));
     }
 
     pub fn snapshot(&self) -> SourceStatsSnapshot {

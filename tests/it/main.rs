@@ -16,3 +16,4 @@ mod slt;
 mod streaming;
 mod tidy;
 mod topics;
+mod watermarks;

@@ -18,7 +18,14 @@ use super::api::{Source, SourceChunk};
 use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
 
 /// The options `connector = 'nexmark'` takes.
-pub const OPTIONS: &[&str] = &["connector", "events", "rate", "seed", "base_time"];
+pub const OPTIONS: &[&str] = &[
+    "connector",
+    "events",
+    "rate",
+    "seed",
+    "base_time",
+    "idle_timeout",
+];
 
 const PERSON_PROPORTION: u64 = 1;
 const AUCTION_PROPORTION: u64 = 3;

@@ -1,0 +1,100 @@
+//! Source-level event time over real pgwire: `idle_timeout` closes windows of a source that
+//! went quiet (wall-clock time, so the test waits for the condition with a deadline), and a
+//! source no view reads still lists its dead letters and counts its messages.
+
+use std::time::Instant;
+
+use crate::harness::{TestServer, simple_rows, within};
+
+fn text(v: &[&str]) -> Vec<Option<String>> {
+    v.iter().map(|s| Some(s.to_string())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_windows_of_a_quiet_source() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE SOURCE quiet (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+               WITH (idle_timeout = '300ms') FORMAT JSON;
+             CREATE SOURCE still (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) FORMAT JSON;
+             CREATE MATERIALIZED VIEW quiet_w AS SELECT window_start, count(*) AS n \
+               FROM TUMBLE(quiet, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end EMIT ON WINDOW CLOSE;
+             CREATE MATERIALIZED VIEW still_w AS SELECT window_start, count(*) AS n \
+               FROM TUMBLE(still, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end EMIT ON WINDOW CLOSE;
+             INSERT INTO quiet VALUES (1, '2026-01-01 10:00:01'), (2, '2026-01-01 10:00:08');
+             INSERT INTO still VALUES (1, '2026-01-01 10:00:01'), (2, '2026-01-01 10:00:08');
+             FLUSH;",
+        )
+        .await
+        .expect("set up");
+    // Right after FLUSH the watermark is 10:00:07: nothing closed yet (unless the machine
+    // stalled for the whole timeout, which the check below allows).
+    let started = Instant::now();
+    within("the idle source's window to close", async {
+        loop {
+            let rows = simple_rows(&client, "SELECT * FROM quiet_w").await;
+            if !rows.is_empty() {
+                assert_eq!(rows, vec![text(&["2026-01-01 10:00:00", "2"])]);
+                break;
+            }
+            // A deadline-bounded poll of a wall-clock condition, not synchronisation by sleep.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed().as_millis() >= 200,
+        "closed before the idle timeout"
+    );
+    // The source without idle_timeout holds its watermark: its window stays open.
+    assert!(
+        simple_rows(&client, "SELECT * FROM still_w")
+            .await
+            .is_empty()
+    );
+    let late = simple_rows(
+        &client,
+        "SELECT source FROM weir_source_stats WHERE watermark > '2026-01-01 10:00:09' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(late, vec![text(&["quiet"])]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_without_views_still_lists_dead_letters() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE SOURCE lonely (k BIGINT, v TEXT) WITH (connector = 'builtin', topic = 'lonely_t') FORMAT JSON;
+             INSERT INTO lonely_t (payload) VALUES ('{\"k\": 1, \"v\": \"a\"}'), ('{\"k\": \"x\"}'), ('[1, 2]');
+             INSERT INTO lonely VALUES (2, 'b');
+             FLUSH;",
+        )
+        .await
+        .expect("set up");
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT \"offset\" FROM weir_dead_letters ORDER BY 1"
+        )
+        .await,
+        vec![text(&["1"]), text(&["2"])]
+    );
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT messages, dead_letters FROM weir_source_stats"
+        )
+        .await,
+        vec![text(&["4", "2"])]
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT k, v FROM lonely ORDER BY k").await,
+        vec![text(&["1", "a"]), text(&["2", "b"])]
+    );
+    server.shutdown().await;
+}
