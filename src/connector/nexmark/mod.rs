@@ -143,7 +143,13 @@ impl Rng {
 
 fn last_person(event_id: u64) -> u64 {
     let (epoch, offset) = (event_id / TOTAL_PROPORTION, event_id % TOTAL_PROPORTION);
-    epoch * PERSON_PROPORTION + offset.min(PERSON_PROPORTION - 1)
+    // With one person per block the offset is always 0; kept general like the generator.
+    let offset = if offset >= PERSON_PROPORTION {
+        PERSON_PROPORTION - 1
+    } else {
+        offset
+    };
+    epoch * PERSON_PROPORTION + offset
 }
 
 fn last_auction(event_id: u64) -> u64 {
