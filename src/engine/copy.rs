@@ -23,6 +23,8 @@ enum Target {
     Table(Arc<TableStore>),
     /// A topic: each row is one message (`key`, `payload`, `headers`).
     Topic(String),
+    /// A source: rows of its columns, encoded in its format, one message each.
+    Source(Arc<super::stream::SourceHandle>),
 }
 
 /// The columns a COPY into a topic may name, in the order of `Target::Topic` rows.
@@ -96,12 +98,21 @@ pub(super) fn start(weir: &Weir, stmt: &Statement) -> WeirResult<PendingCopy> {
                 .collect();
             (Target::Table(table), names)
         }
-        Err(not_a_table) => match weir.topic_exists(&topic_name) {
-            true => (
+        Err(not_a_table) => match (weir.topic_exists(&topic_name), weir.source(&topic_name)) {
+            (true, _) => (
                 Target::Topic(topic_name.clone()),
                 TOPIC_COLUMNS.iter().map(|c| c.to_string()).collect(),
             ),
-            false => return Err(not_a_table),
+            (false, Some(source)) => {
+                let names = source
+                    .schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect();
+                (Target::Source(source), names)
+            }
+            (false, None) => return Err(not_a_table),
         },
     };
     let relation = table_name.to_string();
@@ -109,7 +120,7 @@ pub(super) fn start(weir: &Weir, stmt: &Statement) -> WeirResult<PendingCopy> {
         match target {
             // One message per line: the payload.
             Target::Topic(_) => vec![1],
-            Target::Table(_) => (0..names.len()).collect(),
+            Target::Table(_) | Target::Source(_) => (0..names.len()).collect(),
         }
     } else {
         columns
@@ -242,6 +253,7 @@ pub(super) async fn finish(weir: &Weir, copy: PendingCopy, limit_bytes: usize) -
     }
     let table_schema: SchemaRef = match &copy.target {
         Target::Table(table) => table.schema(),
+        Target::Source(source) => source.schema.clone(),
         Target::Topic(_) => Arc::new(Schema::new(
             TOPIC_COLUMNS
                 .iter()
@@ -286,5 +298,6 @@ pub(super) async fn finish(weir: &Weir, copy: PendingCopy, limit_bytes: usize) -
             weir.publish(&topic, messages).await?;
             Ok(n)
         }
+        Target::Source(source) => super::stream::publish_rows(&source, &[batch]).await,
     }
 }

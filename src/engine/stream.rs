@@ -70,6 +70,14 @@ pub struct SourceHandle {
     monitor: Mutex<Option<RunningDataflow>>,
 }
 
+impl fmt::Debug for SourceHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceHandle")
+            .field("name", &self.relation.name)
+            .finish()
+    }
+}
+
 impl SourceHandle {
     fn reader(&self) -> WeirResult<Box<dyn Source>> {
         if let Some(config) = self.nexmark {
@@ -135,6 +143,11 @@ impl Weir {
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<ViewHandle>>> {
         self.inner.views.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An open source by name.
+    pub(super) fn source(&self, name: &str) -> Option<Arc<SourceHandle>> {
+        self.lock_sources().get(name).cloned()
     }
 
     /// Open sources, sorted by name.
@@ -1028,58 +1041,69 @@ impl DataSink for SourceSink {
         mut data: SendableRecordBatchStream,
         _context: &Arc<TaskContext>,
     ) -> datafusion::error::Result<u64> {
-        let mut messages = Vec::new();
+        let mut batches = Vec::new();
         while let Some(batch) = data.next().await {
-            let batch = batch?;
-            // Metadata columns come from the message, not its payload.
-            let keep: Vec<usize> = (0..batch.num_columns())
-                .filter(|&i| {
-                    let name = batch.schema().field(i).name().clone();
-                    !METADATA_COLUMNS.iter().any(|(m, _)| *m == name)
-                })
-                .collect();
-            let batch = batch.project(&keep)?;
-            if let Some(w) = self.source.watermark {
-                let name = self.source.schema.field(w.column).name();
-                if let Some(c) = batch.column_by_name(name)
-                    && c.null_count() > 0
-                {
-                    return Err(to_df(
-                        WeirError::new(
-                            SqlState::NOT_NULL_VIOLATION,
-                            format!("event-time column \"{name}\" cannot be NULL"),
-                        )
-                        .with_hint("give every row its event time"),
-                    ));
-                }
-            }
-            let payloads = match self.source.format {
-                SourceFormat::Json => encode_json(&batch),
-                SourceFormat::Csv => encode_csv(&batch),
-            }
-            .map_err(to_df)?;
-            messages.extend(payloads.into_iter().map(|p| Message {
-                key: None,
-                payload: Bytes::from(p),
-                headers: Vec::new(),
-            }));
+            batches.push(batch?);
         }
-        let n = messages.len() as u64;
-        let topic = self.source.topic.clone().ok_or_else(|| {
-            to_df(WeirError::unsupported(
-                format!(
-                    "source \"{}\" is a generator and cannot be written to",
-                    self.source.relation.name
-                ),
-                "INSERT into a source over a topic",
-            ))
-        })?;
-        tokio::task::spawn_blocking(move || topic.publish(&messages))
-            .await
-            .map_err(|e| to_df(WeirError::internal(format!("publish task: {e}"))))?
-            .map_err(|e| to_df(queue::queue_error(e)))?;
-        Ok(n)
+        publish_rows(&self.source, &batches).await.map_err(to_df)
     }
+}
+
+/// Encodes rows of a source's columns in its format and publishes them to its topic, one
+/// message per row, durably (`INSERT INTO source`, `COPY source FROM STDIN`).
+pub(super) async fn publish_rows(
+    source: &SourceHandle,
+    batches: &[RecordBatch],
+) -> WeirResult<u64> {
+    let mut messages = Vec::new();
+    for batch in batches {
+        // Metadata columns come from the message, not its payload.
+        let keep: Vec<usize> = (0..batch.num_columns())
+            .filter(|&i| {
+                let name = batch.schema().field(i).name().clone();
+                !METADATA_COLUMNS.iter().any(|(m, _)| *m == name)
+            })
+            .collect();
+        let batch = batch
+            .project(&keep)
+            .map_err(|e| WeirError::internal(format!("source rows: {e}")))?;
+        if let Some(w) = source.watermark {
+            let name = source.schema.field(w.column).name();
+            if let Some(c) = batch.column_by_name(name)
+                && c.null_count() > 0
+            {
+                return Err(WeirError::new(
+                    SqlState::NOT_NULL_VIOLATION,
+                    format!("event-time column \"{name}\" cannot be NULL"),
+                )
+                .with_hint("give every row its event time"));
+            }
+        }
+        let payloads = match source.format {
+            SourceFormat::Json => encode_json(&batch),
+            SourceFormat::Csv => encode_csv(&batch),
+        }?;
+        messages.extend(payloads.into_iter().map(|p| Message {
+            key: None,
+            payload: Bytes::from(p),
+            headers: Vec::new(),
+        }));
+    }
+    let n = messages.len() as u64;
+    let topic = source.topic.clone().ok_or_else(|| {
+        WeirError::unsupported(
+            format!(
+                "source \"{}\" is a generator and cannot be written to",
+                source.relation.name
+            ),
+            "INSERT into a source over a topic",
+        )
+    })?;
+    tokio::task::spawn_blocking(move || topic.publish(&messages))
+        .await
+        .map_err(|e| WeirError::internal(format!("publish task: {e}")))?
+        .map_err(queue::queue_error)?;
+    Ok(n)
 }
 
 /// A materialized view's current rows.

@@ -13,7 +13,7 @@ mod psql;
 mod queue;
 mod queue_crash;
 mod slt;
+mod sources;
 mod streaming;
 mod tidy;
 mod topics;
-mod watermarks;

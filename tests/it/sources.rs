@@ -1,10 +1,11 @@
-//! Source-level event time over real pgwire: `idle_timeout` closes windows of a source that
-//! went quiet (wall-clock time, so the test waits for the condition with a deadline), and a
-//! source no view reads still lists its dead letters and counts its messages.
+//! Sources over real pgwire and psql: `idle_timeout` closes windows of a source that went quiet
+//! (wall-clock time, so the test waits for the condition with a deadline), a source no view
+//! reads still lists its dead letters and counts its messages, and psql's `\copy` publishes
+//! into a source.
 
 use std::time::Instant;
 
-use crate::harness::{TestServer, simple_rows, within};
+use crate::harness::{TestServer, psql, simple_rows, within};
 
 fn text(v: &[&str]) -> Vec<Option<String>> {
     v.iter().map(|s| Some(s.to_string())).collect()
@@ -95,6 +96,49 @@ async fn a_source_without_views_still_lists_dead_letters() {
     assert_eq!(
         simple_rows(&client, "SELECT k, v FROM lonely ORDER BY k").await,
         vec![text(&["1", "a"]), text(&["2", "b"])]
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_copy_publishes_into_a_source() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE SOURCE readings (sensor TEXT, value DOUBLE PRECISION, at TIMESTAMP, \
+               WATERMARK FOR at AS at - INTERVAL '1' SECOND) FORMAT CSV;
+             CREATE MATERIALIZED VIEW per_sensor AS \
+               SELECT sensor, count(*) AS n, avg(value) AS mean FROM readings GROUP BY sensor;",
+        )
+        .await
+        .expect("set up");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("readings.csv");
+    std::fs::write(
+        &file,
+        "sensor,value,at\nt1,1.5,2026-01-01 10:00:00\nt2,2,2026-01-01 10:00:01\nt1,2.5,2026-01-01 10:00:02\n",
+    )
+    .expect("write csv");
+    let copy = format!(
+        "\\copy readings from '{}' with (format csv, header)",
+        file.display()
+    );
+    let out = psql(server.pg_addr(), &["-c", &copy]).await.ok();
+    assert!(out.contains("COPY 3"), "psql said: {out}");
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT sensor, n, mean FROM per_sensor ORDER BY sensor"
+        )
+        .await,
+        vec![text(&["t1", "2", "2"]), text(&["t2", "1", "2"])]
+    );
+    // The messages are CSV lines in the source's own topic.
+    assert_eq!(
+        simple_rows(&client, "SELECT count(*) FROM readings").await,
+        vec![text(&["3"])]
     );
     server.shutdown().await;
 }
