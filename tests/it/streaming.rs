@@ -486,6 +486,13 @@ async fn check_seed(seed: u64) {
 
     let server = TestServer::start().await;
     let client = server.connect().await;
+    // Views are created with a random parallelism: the exchange must not change any result.
+    let parallelism = rng.random_range(1..=3);
+    run(
+        &client,
+        &format!("SET streaming_parallelism = {parallelism}"),
+    )
+    .await;
     run(&client, &create_source(None)).await;
     run(
         &client,
@@ -539,7 +546,10 @@ async fn check_seed(seed: u64) {
         }
     }
 
-    let context = format!("seed {seed}, after all {} statements", statements.len());
+    let context = format!(
+        "seed {seed}, parallelism {parallelism}, after all {} statements",
+        statements.len()
+    );
     let watermark = watermark.get().expect("rows were published");
     let all_views: Vec<&WindowView> = ORACLE_VIEWS.iter().collect();
     check_views(&client, &context, &all_views, &on_time, watermark).await;
