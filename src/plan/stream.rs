@@ -107,7 +107,331 @@ fn not_streamable(what: &str, hint: &str) -> WeirError {
     .with_hint(hint.to_string())
 }
 
+/// The pieces of `Aggregate(HOP(...))` that pane-based aggregation needs.
+struct HopShape {
+    /// The `WindowTable` (a HOP) the aggregate reads.
+    provider: Arc<dyn datafusion::catalog::TableProvider>,
+    slide_ns: i64,
+    size_ns: i64,
+    /// For each group expression: its column in the window table's schema.
+    groups: Vec<usize>,
+    /// For each aggregate: function name, its UDF, and the argument's column (None: `count(*)`).
+    aggs: Vec<(
+        String,
+        Arc<datafusion::logical_expr::AggregateUDF>,
+        Option<usize>,
+    )>,
+}
+
+/// The column of the window table a plain column of `plan`'s output comes from, through
+/// column-only projections and aliases, with the `WindowTable` at the bottom.
+fn window_column(
+    plan: &LogicalPlan,
+    index: usize,
+) -> Option<(Arc<dyn datafusion::catalog::TableProvider>, usize)> {
+    match plan {
+        LogicalPlan::Projection(p) => match p.expr.get(index)?.clone().unalias() {
+            Expr::Column(c) => window_column(&p.input, p.input.schema().index_of_column(&c).ok()?),
+            _ => None,
+        },
+        LogicalPlan::SubqueryAlias(s) => window_column(&s.input, index),
+        LogicalPlan::TableScan(scan) if scan.filters.is_empty() => {
+            let provider = source_as_provider(&scan.source).ok()?;
+            provider.downcast_ref::<WindowTable>()?;
+            let column = match &scan.projection {
+                Some(p) => *p.get(index)?,
+                None => index,
+            };
+            Some((provider, column))
+        }
+        _ => None,
+    }
+}
+
 impl Compiler<'_> {
+    /// `GROUP BY` window + columns over `HOP(...)` with count/sum/min/max of columns, emitted on
+    /// window close: instead of copying each row into its `size / slide` windows, aggregate
+    /// rows per slide-long pane first (a TUMBLE of the slide), then combine the panes of each
+    /// window (sum of counts and sums, min of mins, max of maxes). `None` when the query has
+    /// another shape; the general path handles it.
+    fn pane_hop(
+        &mut self,
+        a: &datafusion::logical_expr::Aggregate,
+        closes: &mut bool,
+    ) -> WeirResult<Option<Compiled>> {
+        let Some(shape) = self.hop_shape(a) else {
+            return Ok(None);
+        };
+        let window = shape
+            .provider
+            .downcast_ref::<WindowTable>()
+            .ok_or_else(|| WeirError::internal("pane HOP without a window table"))?;
+        let relation_schema = window.input.schema();
+        let n_in = relation_schema.fields().len();
+        let input_schema = Arc::new(
+            DFSchema::try_from_qualified_schema(window.input_name.as_str(), &relation_schema)
+                .map_err(|e| self.df(e))?,
+        );
+        let input = self.relation(&window.input_name, input_schema, true, closes)?;
+        if !input.append_only {
+            return Err(WeirError::internal("pane HOP over an updating input"));
+        }
+        let col = |name: &str, i: usize| -> Arc<dyn PhysicalExpr> {
+            Arc::new(PhysicalColumn::new(name, i))
+        };
+        // 1. Panes: TUMBLE(slide) over the relation.
+        let pane_schema = WindowTable::output_schema(&relation_schema);
+        let panes = self.builder.operator(
+            Box::new(WindowOperator::new(
+                crate::stream::WindowKind::Tumble {
+                    size_ns: shape.slide_ns,
+                },
+                window.time_column,
+                pane_schema.clone(),
+            )),
+            vec![input.at],
+        );
+        // 2. Per pane and key: partial aggregates, emitted when the pane closes.
+        let keys: Vec<usize> = shape.groups.iter().copied().filter(|&c| c < n_in).collect();
+        let mut s1_groups = vec![col("window_start", n_in)];
+        let mut s1_fields = vec![arrow::datatypes::Field::new(
+            "__pane_start",
+            pane_schema.field(n_in).data_type().clone(),
+            true,
+        )];
+        for (k, &c) in keys.iter().enumerate() {
+            s1_groups.push(col(relation_schema.field(c).name(), c));
+            s1_fields.push(arrow::datatypes::Field::new(
+                format!("__key{k}"),
+                relation_schema.field(c).data_type().clone(),
+                true,
+            ));
+        }
+        let df = |e: datafusion::error::DataFusionError| from_datafusion(e, self.text);
+        let mut s1_aggs = Vec::new();
+        for (j, (_, udf, arg)) in shape.aggs.iter().enumerate() {
+            let args: Vec<Arc<dyn PhysicalExpr>> = match arg {
+                Some(c) => vec![col(relation_schema.field(*c).name(), *c)],
+                None => vec![Arc::new(
+                    datafusion::physical_expr::expressions::Literal::new(
+                        datafusion::scalar::ScalarValue::Int64(Some(1)),
+                    ),
+                )],
+            };
+            let expr =
+                datafusion::physical_expr::aggregate::AggregateExprBuilder::new(udf.clone(), args)
+                    .schema(pane_schema.clone())
+                    .alias(format!("{} per pane", shape.aggs[j].0))
+                    .build()
+                    .map_err(df)?;
+            s1_fields.push(expr.field().as_ref().clone().with_nullable(true));
+            s1_aggs.push((Arc::new(expr), None));
+        }
+        let s1_schema = Arc::new(arrow::datatypes::Schema::new(s1_fields));
+        let s1_names = std::iter::once("pane_start".to_string())
+            .chain(
+                keys.iter()
+                    .map(|&c| relation_schema.field(c).name().clone()),
+            )
+            .collect();
+        let stage1 = self.keyed(
+            s1_groups,
+            s1_names,
+            s1_aggs,
+            &pane_schema,
+            s1_schema.clone(),
+            Some(WindowKey {
+                group_index: 0,
+                end_offset_ns: shape.slide_ns,
+            }),
+        )?;
+        let stage1 = self.builder.operator(stage1, vec![panes]);
+        // 3. Each pane's row into the windows that contain it.
+        let n1 = s1_schema.fields().len();
+        let s2_input = WindowTable::output_schema(&s1_schema);
+        let windows = self.builder.operator(
+            Box::new(WindowOperator::new(
+                crate::stream::WindowKind::Hop {
+                    slide_ns: shape.slide_ns,
+                    size_ns: shape.size_ns,
+                },
+                0,
+                s2_input.clone(),
+            )),
+            vec![stage1],
+        );
+        // 4. Per window and key: combine the panes, emitted when the window closes.
+        let mut s2_groups = Vec::new();
+        let mut s2_names = Vec::new();
+        let mut window_key = None;
+        for (g, &c) in shape.groups.iter().enumerate() {
+            let (name, index) = if c == n_in {
+                window_key = Some(WindowKey {
+                    group_index: g,
+                    end_offset_ns: shape.size_ns,
+                });
+                ("window_start".to_string(), n1)
+            } else if c == n_in + 1 {
+                window_key = Some(WindowKey {
+                    group_index: g,
+                    end_offset_ns: 0,
+                });
+                ("window_end".to_string(), n1 + 1)
+            } else {
+                let k = keys.iter().position(|&x| x == c).unwrap_or(0);
+                (format!("__key{k}"), 1 + k)
+            };
+            s2_groups.push(col(&name, index));
+            s2_names.push(name);
+        }
+        let functions = self.state.aggregate_functions();
+        let mut s2_aggs = Vec::new();
+        for (j, (name, udf, _)) in shape.aggs.iter().enumerate() {
+            let combine = match name.as_str() {
+                "count" | "sum" => functions.get("sum"),
+                _ => Some(udf),
+            }
+            .ok_or_else(|| WeirError::internal("sum is not registered"))?;
+            let partial = 1 + keys.len() + j;
+            let expr = datafusion::physical_expr::aggregate::AggregateExprBuilder::new(
+                combine.clone(),
+                vec![col(&format!("__partial{j}"), partial)],
+            )
+            .schema(s2_input.clone())
+            .alias(format!("{name} over panes"))
+            .build()
+            .map_err(df)?;
+            s2_aggs.push((Arc::new(expr), None));
+        }
+        let schema = Arc::new(a.schema.as_arrow().clone());
+        let stage2 = self.keyed(s2_groups, s2_names, s2_aggs, &s2_input, schema, window_key)?;
+        let at = self.builder.operator(stage2, vec![windows]);
+        *closes = true;
+        let mut windows_out = vec![None; a.schema.fields().len()];
+        for (g, &c) in shape.groups.iter().enumerate() {
+            if c == n_in {
+                windows_out[g] = Some(shape.size_ns);
+            } else if c == n_in + 1 {
+                windows_out[g] = Some(0);
+            }
+        }
+        Ok(Some(Compiled {
+            at,
+            schema: a.schema.clone(),
+            append_only: true,
+            windows: windows_out,
+        }))
+    }
+
+    /// An EOWC aggregate, `parallelism` ways behind an exchange when it has keys.
+    fn keyed(
+        &self,
+        groups: Vec<Arc<dyn PhysicalExpr>>,
+        names: Vec<String>,
+        aggs: Vec<crate::stream::AggregateInput>,
+        input_schema: &arrow::datatypes::Schema,
+        schema: arrow::datatypes::SchemaRef,
+        window: Option<WindowKey>,
+    ) -> WeirResult<Box<dyn crate::stream::Operator>> {
+        let mut ops: Vec<Box<dyn crate::stream::Operator>> = Vec::new();
+        for _ in 0..self.parallelism {
+            ops.push(Box::new(AggregateOperator::try_new(
+                groups.clone(),
+                names.clone(),
+                aggs.clone(),
+                input_schema,
+                schema.clone(),
+                AggregateMode::EmitOnWindowClose,
+                window,
+                true,
+            )?));
+        }
+        if ops.len() == 1 {
+            return ops
+                .pop()
+                .ok_or_else(|| WeirError::internal("no aggregate instance"));
+        }
+        Ok(Box::new(ExchangeOperator::try_new(
+            groups,
+            input_schema,
+            ops,
+            "aggregate",
+        )?))
+    }
+
+    fn hop_shape(&self, a: &datafusion::logical_expr::Aggregate) -> Option<HopShape> {
+        let mut window: Option<Arc<dyn datafusion::catalog::TableProvider>> = None;
+        let mut same_window = |w: Arc<dyn datafusion::catalog::TableProvider>| match &window {
+            None => {
+                window = Some(w);
+                true
+            }
+            Some(x) => Arc::ptr_eq(x, &w),
+        };
+        let input_schema = a.input.schema();
+        let mut groups = Vec::new();
+        for e in &a.group_expr {
+            let Expr::Column(c) = e else { return None };
+            let (w, column) = window_column(&a.input, input_schema.index_of_column(c).ok()?)?;
+            if !same_window(w) {
+                return None;
+            }
+            groups.push(column);
+        }
+        let mut aggs = Vec::new();
+        for e in &a.aggr_expr {
+            let Expr::AggregateFunction(f) = e.clone().unalias() else {
+                return None;
+            };
+            let name = f.func.name().to_ascii_lowercase();
+            let p = &f.params;
+            if !["count", "sum", "min", "max"].contains(&name.as_str())
+                || p.distinct
+                || p.filter.is_some()
+                || !p.order_by.is_empty()
+                || p.args.len() != 1
+            {
+                return None;
+            }
+            let arg = match &p.args[0] {
+                Expr::Literal(v, _) if name == "count" && !v.is_null() => None,
+                Expr::Column(c) => {
+                    let (w, column) =
+                        window_column(&a.input, input_schema.index_of_column(c).ok()?)?;
+                    if !same_window(w) {
+                        return None;
+                    }
+                    Some(column)
+                }
+                _ => return None,
+            };
+            aggs.push((name, f.func.clone(), arg));
+        }
+        let provider = window?;
+        let table = provider.downcast_ref::<WindowTable>()?;
+        let WindowShape::Fixed(crate::stream::WindowKind::Hop { slide_ns, size_ns }) = table.shape
+        else {
+            return None;
+        };
+        let n_in = table.input.schema().fields().len();
+        // A window bound must be grouped by (to close windows), and arguments must be input
+        // columns, not the window bounds.
+        if !groups.iter().any(|&c| c >= n_in)
+            || aggs
+                .iter()
+                .any(|(_, _, arg)| arg.is_some_and(|c| c >= n_in))
+        {
+            return None;
+        }
+        Some(HopShape {
+            provider,
+            slide_ns,
+            size_ns,
+            groups,
+            aggs,
+        })
+    }
+
     fn df(&self, e: datafusion::error::DataFusionError) -> WeirError {
         from_datafusion(e, self.text)
     }
@@ -284,6 +608,9 @@ impl Compiler<'_> {
                 Ok(Compiled { at, ..input })
             }
             LogicalPlan::Aggregate(a) => {
+                if eowc && let Some(compiled) = self.pane_hop(a, closes)? {
+                    return Ok(compiled);
+                }
                 let input = self.node(&a.input, eowc, closes)?;
                 if a.group_expr
                     .iter()

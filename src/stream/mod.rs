@@ -25,7 +25,7 @@ pub mod task;
 mod union;
 mod window;
 
-pub use aggregate::{AggregateMode, AggregateOperator, WindowKey};
+pub use aggregate::{AggregateInput, AggregateMode, AggregateOperator, WindowKey};
 pub use discard::DiscardOperator;
 pub use exchange::ExchangeOperator;
 pub use project::{FilterOperator, ProjectOperator};
