@@ -5,7 +5,8 @@
 //! The bid file is `../shared/nexmark/gen_nexmark.py --bids N --bids-only` (JSON lines, made
 //! once into a cache directory). Every measurement runs in this process, so CPU time is the
 //! process's (user + system, from /proc/self/stat) over the timed part, and peak RSS is the
-//! process's high-water mark, reset before each query (/proc/self/clear_refs).
+//! process's high-water mark, reset before each query (/proc/self/clear_refs); for Weir it is
+//! reported as growth over the resident set at the start of the view's run.
 //!
 //! - *decode*: arrow-json (through Weir's `RowDecoder`) over the file's lines, 4096 a batch.
 //! - *batch*: the query in DataFusion over the decoded rows in a `MemTable` (TUMBLE/HOP
@@ -189,10 +190,18 @@ fn reset_peak_rss() {
 }
 
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -365,13 +374,15 @@ async fn bench(options: Options) -> Result<()> {
                     .replace("(bids,", &format!("({source},"));
                 let create = format!("CREATE MATERIALIZED VIEW {view} AS {sql}{emit}");
                 reset_peak_rss();
+                let before = rss_mib();
                 let (w, c) = (Instant::now(), cpu_time());
                 run_sql(&mut session, &create).await?;
                 run_sql(&mut session, "FLUSH").await?;
                 samples.push(Sample {
                     wall: w.elapsed(),
                     cpu: cpu_time().saturating_sub(c),
-                    rss_mib: peak_rss_mib(),
+                    // What the view's run added at its peak: state, buffers, batches.
+                    rss_mib: peak_rss_mib() - before,
                 });
                 run_sql(&mut session, &format!("DROP MATERIALIZED VIEW {view}")).await?;
                 eprintln!(
@@ -403,7 +414,7 @@ async fn bench(options: Options) -> Result<()> {
     drop(lines);
 
     println!(
-        "| query | what | Weir M bids/s | Weir M bids/CPU-s | Weir peak RSS MiB | over the generator M bids/CPU-s | DataFusion batch M bids/s | batch CPU s |"
+        "| query | what | Weir M bids/s | Weir M bids/CPU-s | Weir peak RSS growth MiB | over the generator M bids/CPU-s | DataFusion batch M bids/s | batch CPU s |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(

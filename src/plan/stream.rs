@@ -25,7 +25,8 @@ use super::from_datafusion;
 use super::window::{WindowShape, WindowTable};
 use crate::stream::{
     AggregateMode, AggregateOperator, Dataflow, DataflowBuilder, Endpoint, ExchangeOperator,
-    FilterOperator, ProjectOperator, SessionOperator, UnionOperator, WindowKey, WindowOperator,
+    FilterOperator, ProjectOperator, SessionOperator, UnionOperator, WindowAggregateOperator,
+    WindowKey, WindowOperator,
 };
 use crate::types::{SqlState, WeirError, WeirResult};
 
@@ -335,16 +336,28 @@ impl Compiler<'_> {
     ) -> WeirResult<Box<dyn crate::stream::Operator>> {
         let mut ops: Vec<Box<dyn crate::stream::Operator>> = Vec::new();
         for _ in 0..self.parallelism {
-            ops.push(Box::new(AggregateOperator::try_new(
-                groups.clone(),
-                names.clone(),
-                aggs.clone(),
-                input_schema,
-                schema.clone(),
-                AggregateMode::EmitOnWindowClose,
-                window,
-                true,
-            )?));
+            ops.push(match window {
+                Some(w) if WindowAggregateOperator::supports(&aggs) => {
+                    Box::new(WindowAggregateOperator::try_new(
+                        groups.clone(),
+                        names.clone(),
+                        aggs.clone(),
+                        input_schema,
+                        schema.clone(),
+                        w,
+                    )?)
+                }
+                _ => Box::new(AggregateOperator::try_new(
+                    groups.clone(),
+                    names.clone(),
+                    aggs.clone(),
+                    input_schema,
+                    schema.clone(),
+                    AggregateMode::EmitOnWindowClose,
+                    window,
+                    true,
+                )?),
+            });
         }
         if ops.len() == 1 {
             return ops
@@ -676,18 +689,31 @@ impl Compiler<'_> {
                 } else {
                     self.parallelism
                 };
+                let vectorized = mode == AggregateMode::EmitOnWindowClose
+                    && input.append_only
+                    && WindowAggregateOperator::supports(&aggs);
                 let mut ops: Vec<Box<dyn crate::stream::Operator>> = Vec::with_capacity(instances);
                 for _ in 0..instances {
-                    ops.push(Box::new(AggregateOperator::try_new(
-                        group_exprs.clone(),
-                        group_names.clone(),
-                        aggs.clone(),
-                        &input_arrow,
-                        schema.clone(),
-                        mode,
-                        window,
-                        input.append_only,
-                    )?));
+                    ops.push(match window {
+                        Some(w) if vectorized => Box::new(WindowAggregateOperator::try_new(
+                            group_exprs.clone(),
+                            group_names.clone(),
+                            aggs.clone(),
+                            &input_arrow,
+                            schema.clone(),
+                            w,
+                        )?),
+                        _ => Box::new(AggregateOperator::try_new(
+                            group_exprs.clone(),
+                            group_names.clone(),
+                            aggs.clone(),
+                            &input_arrow,
+                            schema.clone(),
+                            mode,
+                            window,
+                            input.append_only,
+                        )?),
+                    });
                 }
                 let op: Box<dyn crate::stream::Operator> = if instances == 1 {
                     ops.pop()

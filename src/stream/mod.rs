@@ -11,6 +11,7 @@
 //! Operator files, one each: `project.rs` (projection and filter through DataFusion
 //! `PhysicalExpr`s), `window.rs` (TUMBLE / HOP window assignment), `session.rs` (SESSION windows), `aggregate.rs` (keyed
 //! incremental aggregation with DataFusion accumulators, retraction, window close),
+//! `window_aggregate.rs` (EOWC aggregation with `GroupsAccumulator`s),
 //! `union.rs` (UNION ALL), `discard.rs` (a source's monitor), `exchange.rs` (N instances of a keyed operator behind a hash
 //! exchange, `streaming_parallelism`).
 
@@ -24,6 +25,7 @@ mod source;
 pub mod task;
 mod union;
 mod window;
+mod window_aggregate;
 
 pub use aggregate::{AggregateInput, AggregateMode, AggregateOperator, WindowKey};
 pub use discard::DiscardOperator;
@@ -38,6 +40,7 @@ pub use source::{DeadLetter, LateRow, SourceStats, WatermarkSpec};
 pub use task::TaskHandle;
 pub use union::UnionOperator;
 pub use window::{WindowKind, WindowOperator};
+pub use window_aggregate::WindowAggregateOperator;
 
 use crate::types::{ChangeBatch, WeirResult};
 
