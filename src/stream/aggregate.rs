@@ -438,12 +438,7 @@ impl Operator for AggregateOperator {
         if n == 0 {
             return Ok(());
         }
-        let key_arrays = self
-            .group_exprs
-            .iter()
-            .map(|e| e.evaluate(rows).and_then(|v| v.into_array(n)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(eval_error)?;
+        let key_arrays = super::evaluate(&self.group_exprs, rows)?;
         // Group rows by slot, splitting inserts from retractions.
         let mut per_group: Vec<(usize, Vec<u32>, Vec<u32>)> = Vec::new();
         let mut position: HashMap<usize, usize> = HashMap::new();
@@ -479,14 +474,7 @@ impl Operator for AggregateOperator {
         let mut masks: Vec<Option<arrow::array::BooleanArray>> =
             Vec::with_capacity(self.aggs.len());
         for agg in &self.aggs {
-            args.push(
-                agg.expr
-                    .expressions()
-                    .iter()
-                    .map(|e| e.evaluate(rows).and_then(|v| v.into_array(n)))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(eval_error)?,
-            );
+            args.push(super::evaluate(&agg.expr.expressions(), rows)?);
             masks.push(match &agg.filter {
                 Some(f) => {
                     let m = f

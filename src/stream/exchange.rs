@@ -11,8 +11,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-use arrow::array::{Int64Array, UInt32Array};
-use arrow::compute::{take, take_record_batch};
+use arrow::array::UInt32Array;
+use arrow::compute::take_record_batch;
 use arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -148,13 +148,7 @@ impl Operator for ExchangeOperator {
         batch: ChangeBatch,
         out: &mut Vec<ChangeBatch>,
     ) -> WeirResult<()> {
-        let n = batch.rows.num_rows();
-        let arrays = self
-            .keys
-            .iter()
-            .map(|k| k.evaluate(&batch.rows).and_then(|v| v.into_array(n)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(eval_error)?;
+        let arrays = super::evaluate(&self.keys, &batch.rows)?;
         let rows = self
             .converter
             .convert_columns(&arrays)
@@ -175,17 +169,7 @@ impl Operator for ExchangeOperator {
             let idx = UInt32Array::from(part);
             let rows = take_record_batch(&batch.rows, &idx)
                 .map_err(|e| WeirError::internal(format!("exchange: {e}")))?;
-            let weights = match &batch.weights {
-                Some(w) => Some(
-                    take(w, &idx, None)
-                        .map_err(|e| WeirError::internal(format!("exchange: {e}")))?
-                        .as_any()
-                        .downcast_ref::<Int64Array>()
-                        .ok_or_else(|| WeirError::internal("weights are not bigint"))?
-                        .clone(),
-                ),
-                None => None,
-            };
+            let weights = super::take_weights(batch.weights.as_ref(), &idx)?;
             jobs.push(Some(Job::Batch(ChangeBatch { rows, weights })));
         }
         self.round(jobs, out)?;

@@ -92,6 +92,36 @@ pub trait Operator: Send {
     }
 }
 
+/// Evaluates `exprs` over `rows`, one array of the batch's length each (DataFusion errors as
+/// the user's data errors).
+pub(crate) fn evaluate(
+    exprs: &[std::sync::Arc<dyn datafusion::physical_expr::PhysicalExpr>],
+    rows: &arrow::array::RecordBatch,
+) -> WeirResult<Vec<arrow::array::ArrayRef>> {
+    let n = rows.num_rows();
+    exprs
+        .iter()
+        .map(|e| e.evaluate(rows).and_then(|v| v.into_array(n)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(project::eval_error)
+}
+
+/// The weights at `indices` (None stays None: all inserts).
+pub(crate) fn take_weights(
+    weights: Option<&arrow::array::Int64Array>,
+    indices: &arrow::array::UInt32Array,
+) -> WeirResult<Option<arrow::array::Int64Array>> {
+    let Some(w) = weights else { return Ok(None) };
+    let taken = arrow::compute::take(w, indices, None)
+        .map_err(|e| crate::types::WeirError::internal(format!("taking weights: {e}")))?;
+    taken
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| crate::types::WeirError::internal("weights are not bigint"))
+}
+
 /// Drops zero-row batches and rebuilds a batch with `schema` (same columns, other names).
 pub(crate) fn with_schema(
     batch: ChangeBatch,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch};
+use arrow::array::{Array, BooleanArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -49,12 +49,7 @@ impl Operator for ProjectOperator {
         out: &mut Vec<ChangeBatch>,
     ) -> WeirResult<()> {
         let n = batch.rows.num_rows();
-        let columns = self
-            .exprs
-            .iter()
-            .map(|e| e.evaluate(&batch.rows).and_then(|v| v.into_array(n)))
-            .collect::<Result<Vec<ArrayRef>, _>>()
-            .map_err(eval_error)?;
+        let columns = super::evaluate(&self.exprs, &batch.rows)?;
         // A projection of no columns (count(*) needs none) still has its rows.
         let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
         let rows = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)

@@ -8,9 +8,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, Int64Array, RecordBatch, TimestampNanosecondArray, UInt32Array,
-};
+use arrow::array::{Array, ArrayRef, RecordBatch, TimestampNanosecondArray, UInt32Array};
 use arrow::compute::take;
 use arrow::datatypes::SchemaRef;
 
@@ -131,17 +129,7 @@ impl Operator for WindowOperator {
         let (rows, indices) = self
             .kind
             .assign(&batch.rows, self.time_column, &self.schema)?;
-        let weights = match &batch.weights {
-            Some(w) => Some(
-                take(w, &indices, None)
-                    .map_err(|e| WeirError::internal(format!("window weights: {e}")))?
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .ok_or_else(|| WeirError::internal("weights are not bigint"))?
-                    .clone(),
-            ),
-            None => None,
-        };
+        let weights = super::take_weights(batch.weights.as_ref(), &indices)?;
         out.push(ChangeBatch { rows, weights });
         Ok(())
     }

@@ -154,22 +154,11 @@ impl Operator for WindowAggregateOperator {
             return Ok(());
         }
         let eval = |e: &Arc<dyn PhysicalExpr>| e.evaluate(rows).and_then(|v| v.into_array(n));
-        let keys = self
-            .group_exprs
-            .iter()
-            .map(eval)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(eval_error)?;
+        let keys = super::evaluate(&self.group_exprs, rows)?;
         let mut args = Vec::with_capacity(self.aggs.len());
         let mut filters = Vec::with_capacity(self.aggs.len());
         for (agg, filter) in &self.aggs {
-            args.push(
-                agg.expressions()
-                    .iter()
-                    .map(eval)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(eval_error)?,
-            );
+            args.push(super::evaluate(&agg.expressions(), rows)?);
             filters.push(match filter {
                 Some(f) => {
                     let m = eval(f).map_err(eval_error)?;
