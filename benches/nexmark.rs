@@ -41,7 +41,8 @@ const USAGE: &str = "\
 usage: cargo bench --bench nexmark -- [--bids N] [--runs R] [--queries LIST]
   --bids N        bids in the stream (default 2000000)
   --runs R        runs per measurement; the median is reported (default 3)
-  --queries LIST  any of q0,q1,q2,tumble_count,hop_count,tumble_max (default all)
+  --queries LIST  any of q0,q1,q2,tumble_count,tumble_count_updating,hop_count,tumble_max
+                  (default all)
 environment:
   WEIR_NEXMARK_DIR  where generated bid files are kept (default $HOME/.cache/weir-nexmark)";
 
@@ -79,6 +80,14 @@ const QUERIES: &[Query] = &[
               FROM TUMBLE(bids, date_time, INTERVAL '10' SECOND) \
               GROUP BY window_start, window_end, auction",
         emit_on_window_close: true,
+    },
+    Query {
+        name: "tumble_count_updating",
+        what: "TUMBLE(10 s) count per auction, updating",
+        sql: "SELECT window_start, window_end, auction, count(*) AS bids \
+              FROM TUMBLE(bids, date_time, INTERVAL '10' SECOND) \
+              GROUP BY window_start, window_end, auction",
+        emit_on_window_close: false,
     },
     Query {
         name: "hop_count",

@@ -171,7 +171,9 @@ impl ZSetState {
         }
         let mut remaining = rows.num_rows();
         let mut kept = Vec::with_capacity(self.batches.len());
-        for batch in self.batches.drain(..) {
+        // Newest first: what is retracted is usually recent (a view's group that changed, an
+        // open window), so the search stops before the old batches are even encoded.
+        for batch in self.batches.drain(..).rev() {
             if remaining == 0 {
                 kept.push(batch);
                 continue;
@@ -196,6 +198,7 @@ impl ZSetState {
                 kept.push(filtered);
             }
         }
+        kept.reverse();
         self.batches = kept;
         if remaining > 0 {
             return Err(WeirError::new(
