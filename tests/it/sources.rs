@@ -71,7 +71,7 @@ async fn a_source_without_views_still_lists_dead_letters() {
     client
         .batch_execute(
             "CREATE SOURCE lonely (k BIGINT, v TEXT) WITH (connector = 'builtin', topic = 'lonely_t') FORMAT JSON;
-             INSERT INTO lonely_t (payload) VALUES ('{\"k\": 1, \"v\": \"a\"}'), ('{\"k\": \"x\"}'), ('[1, 2]');
+             INSERT INTO lonely_t (payload) VALUES ('{\"k\": 1, \"v\": \"a\"}'), ('{\"k\": \"x\"}'), ('[1, 2]'), ('{\"k\": 99999999999999999999}');
              INSERT INTO lonely VALUES (2, 'b');
              FLUSH;",
         )
@@ -83,7 +83,7 @@ async fn a_source_without_views_still_lists_dead_letters() {
             "SELECT \"offset\" FROM weir_dead_letters ORDER BY 1"
         )
         .await,
-        vec![text(&["1"]), text(&["2"])]
+        vec![text(&["1"]), text(&["2"]), text(&["3"])]
     );
     assert_eq!(
         simple_rows(
@@ -91,7 +91,7 @@ async fn a_source_without_views_still_lists_dead_letters() {
             "SELECT messages, dead_letters FROM weir_source_stats"
         )
         .await,
-        vec![text(&["4", "2"])]
+        vec![text(&["5", "3"])]
     );
     assert_eq!(
         simple_rows(&client, "SELECT k, v FROM lonely ORDER BY k").await,
