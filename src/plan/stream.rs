@@ -520,14 +520,43 @@ impl Compiler<'_> {
                             windows.push(None);
                             windows.push(Some(0));
                             append_only = eowc;
-                            Box::new(SessionOperator::try_new(
-                                window.time_column,
-                                keys.clone(),
-                                *gap_ns,
-                                window.input.schema(),
-                                schema.clone(),
-                                eowc,
-                            )?)
+                            let input_schema = window.input.schema();
+                            let session = || {
+                                SessionOperator::try_new(
+                                    window.time_column,
+                                    keys.clone(),
+                                    *gap_ns,
+                                    input_schema.clone(),
+                                    schema.clone(),
+                                    eowc,
+                                )
+                            };
+                            if keys.is_empty() || self.parallelism == 1 {
+                                Box::new(session()?)
+                            } else {
+                                // Sessions per key: N instances behind a hash of the keys.
+                                let key_exprs: Vec<Arc<dyn PhysicalExpr>> = keys
+                                    .iter()
+                                    .map(|&k| {
+                                        Arc::new(PhysicalColumn::new(
+                                            input_schema.field(k).name(),
+                                            k,
+                                        ))
+                                            as Arc<dyn PhysicalExpr>
+                                    })
+                                    .collect();
+                                let mut instances: Vec<Box<dyn crate::stream::Operator>> =
+                                    Vec::new();
+                                for _ in 0..self.parallelism {
+                                    instances.push(Box::new(session()?));
+                                }
+                                Box::new(ExchangeOperator::try_new(
+                                    key_exprs,
+                                    &input_schema,
+                                    instances,
+                                    "session",
+                                )?)
+                            }
                         }
                     };
                     let at = self.builder.operator(op, vec![input.at]);
