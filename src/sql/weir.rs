@@ -241,11 +241,7 @@ impl fmt::Display for WeirStatement {
                 name,
                 if_exists,
                 cascade,
-            } => {
-                let ie = if *if_exists { "IF EXISTS " } else { "" };
-                let c = if *cascade { " CASCADE" } else { "" };
-                write!(f, "DROP SOURCE {ie}{name}{c}")
-            }
+            } => write!(f, "{}", drop_text("SOURCE", name, *if_exists, *cascade)),
             WeirStatement::ShowSources => write!(f, "SHOW SOURCES"),
             WeirStatement::CreateMaterializedView {
                 name,
@@ -254,36 +250,43 @@ impl fmt::Display for WeirStatement {
                 emit_on_window_close,
             } => {
                 let ine = if *if_not_exists { "IF NOT EXISTS " } else { "" };
-                let emit = if *emit_on_window_close {
-                    " EMIT ON WINDOW CLOSE"
-                } else {
-                    ""
-                };
+                let emit = emit_text(*emit_on_window_close);
                 write!(f, "CREATE MATERIALIZED VIEW {ine}{name} AS {query}{emit}")
             }
             WeirStatement::DropMaterializedView {
                 name,
                 if_exists,
                 cascade,
-            } => {
-                let ie = if *if_exists { "IF EXISTS " } else { "" };
-                let c = if *cascade { " CASCADE" } else { "" };
-                write!(f, "DROP MATERIALIZED VIEW {ie}{name}{c}")
-            }
+            } => write!(
+                f,
+                "{}",
+                drop_text("MATERIALIZED VIEW", name, *if_exists, *cascade)
+            ),
             WeirStatement::ShowMaterializedViews => write!(f, "SHOW MATERIALIZED VIEWS"),
             WeirStatement::ExplainMaterializedView {
                 query,
                 emit_on_window_close,
             } => {
-                let emit = if *emit_on_window_close {
-                    " EMIT ON WINDOW CLOSE"
-                } else {
-                    ""
-                };
+                let emit = emit_text(*emit_on_window_close);
                 write!(f, "EXPLAIN CREATE MATERIALIZED VIEW v AS {query}{emit}")
             }
             WeirStatement::Flush => write!(f, "FLUSH"),
         }
+    }
+}
+
+/// `DROP <what> [IF EXISTS] name [CASCADE]`.
+fn drop_text(what: &str, name: &str, if_exists: bool, cascade: bool) -> String {
+    let ie = if if_exists { "IF EXISTS " } else { "" };
+    let c = if cascade { " CASCADE" } else { "" };
+    format!("DROP {what} {ie}{name}{c}")
+}
+
+fn emit_text(emit_on_window_close: bool) -> &'static str {
+    if emit_on_window_close {
+        " EMIT ON WINDOW CLOSE"
+    } else {
+        ""
     }
 }
 
@@ -571,13 +574,15 @@ impl Cursor {
         Ok(ids)
     }
 
-    /// `CASCADE` or `RESTRICT` (the default) at the end of a DROP.
-    fn cascade(&mut self) -> WeirResult<bool> {
-        if self.eat("CASCADE") {
-            return Ok(true);
+    /// `[IF EXISTS] name [CASCADE | RESTRICT]` after `DROP <kind>`; RESTRICT is the default.
+    fn drop_target(&mut self) -> WeirResult<(bool, String, bool)> {
+        let if_exists = self.if_exists()?;
+        let name = self.name()?;
+        let cascade = self.eat("CASCADE");
+        if !cascade {
+            self.eat("RESTRICT");
         }
-        self.eat("RESTRICT");
-        Ok(false)
+        Ok((if_exists, name, cascade))
     }
 
     /// After `CREATE SOURCE`: `[IF NOT EXISTS] name [(defs)] [WITH (...)] [FORMAT f]`.
@@ -669,9 +674,7 @@ impl Cursor {
         }
         if self.eat("DROP") {
             if self.eat("SOURCE") {
-                let if_exists = self.if_exists()?;
-                let name = self.name()?;
-                let cascade = self.cascade()?;
+                let (if_exists, name, cascade) = self.drop_target()?;
                 return Ok(WeirStatement::DropSource {
                     name,
                     if_exists,
@@ -680,9 +683,7 @@ impl Cursor {
             }
             if self.eat("MATERIALIZED") {
                 self.expect("VIEW")?;
-                let if_exists = self.if_exists()?;
-                let name = self.name()?;
-                let cascade = self.cascade()?;
+                let (if_exists, name, cascade) = self.drop_target()?;
                 return Ok(WeirStatement::DropMaterializedView {
                     name,
                     if_exists,

@@ -1,7 +1,8 @@
 //! Shared machinery for the integration tests: a Weir server in this process or as a child
 //! process, clients, the `psql` binary, raw pgwire frames and plain HTTP.
 //!
-//! Every wait here has a deadline ([`within`]); nothing sleeps to synchronise. Every server gets a
+//! Every wait here has a deadline ([`within`]); nothing sleeps to synchronise ([`poll_until`]
+//! polls wall-clock conditions, such as an idle timeout, under the same deadline). Every server gets a
 //! fresh temporary data directory and binds port 0, so tests run in parallel without sharing state.
 
 use std::future::Future;
@@ -28,6 +29,24 @@ pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
         Ok(output) => output,
         Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
     }
+}
+
+/// Polls `condition` until it gives a value, failing the test after [`DEADLINE`]. Only for
+/// conditions that follow wall-clock time (an idle timeout), which no `FLUSH` can wait for.
+pub async fn poll_until<T, F, Fut>(what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(what, async {
+        loop {
+            if let Some(value) = condition().await {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // a poll step; within() holds the deadline
+        }
+    })
+    .await
 }
 
 /// A Weir server running inside the test process, with its own temporary data directory.

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::harness::{TestServer, psql, simple_rows, within};
+use crate::harness::{TestServer, poll_until, psql, simple_rows};
 
 fn text(v: &[&str]) -> Vec<Option<String>> {
     v.iter().map(|s| Some(s.to_string())).collect()
@@ -33,18 +33,12 @@ async fn idle_timeout_closes_windows_of_a_quiet_source() {
     // Right after FLUSH the watermark is 10:00:07: nothing closed yet (unless the machine
     // stalled for the whole timeout, which the check below allows).
     let started = Instant::now();
-    within("the idle source's window to close", async {
-        loop {
-            let rows = simple_rows(&client, "SELECT * FROM quiet_w").await;
-            if !rows.is_empty() {
-                assert_eq!(rows, vec![text(&["2026-01-01 10:00:00", "2"])]);
-                break;
-            }
-            // A deadline-bounded poll of a wall-clock condition, not synchronisation by sleep.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+    let rows = poll_until("the idle source's window to close", || async {
+        let rows = simple_rows(&client, "SELECT * FROM quiet_w").await;
+        (!rows.is_empty()).then_some(rows)
     })
     .await;
+    assert_eq!(rows, vec![text(&["2026-01-01 10:00:00", "2"])]);
     assert!(
         started.elapsed().as_millis() >= 200,
         "closed before the idle timeout"
