@@ -172,6 +172,8 @@ pub enum Control {
 pub struct RunningDataflow {
     /// Sends [`Control`] to the dataflow's loop; the loop exits when this closes.
     control: mpsc::Sender<Control>,
+    /// The dataflow's progress (its error, once stopped), shared with its thread.
+    progress: Arc<Mutex<Progress>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -186,6 +188,7 @@ impl RunningDataflow {
     pub fn flush_handle(&self) -> FlushHandle {
         FlushHandle {
             control: self.control.clone(),
+            progress: self.progress.clone(),
         }
     }
 }
@@ -194,6 +197,7 @@ impl RunningDataflow {
 pub struct FlushHandle {
     /// A sender of the dataflow's control channel; it keeps the channel open while held.
     control: mpsc::Sender<Control>,
+    progress: Arc<Mutex<Progress>>,
 }
 
 impl FlushHandle {
@@ -202,8 +206,13 @@ impl FlushHandle {
         self.control
             .send(Control::Flush(tx))
             .await
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+            .map_err(|_| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    fn stopped(&self) -> WeirError {
+        let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        stopped(progress.error.as_ref())
     }
 }
 
@@ -217,12 +226,17 @@ impl Drop for RunningDataflow {
     }
 }
 
-fn stopped() -> WeirError {
-    WeirError::new(
+/// 55000 for a FLUSH of a dataflow that stopped; `cause` is its error, when known.
+fn stopped(cause: Option<&WeirError>) -> WeirError {
+    let error = WeirError::new(
         SqlState("55000"),
         "the materialized view's dataflow has stopped",
     )
-    .with_hint("see SHOW MATERIALIZED VIEWS for its error; drop and re-create the view")
+    .with_hint("see SHOW MATERIALIZED VIEWS for its error; drop and re-create the view");
+    match cause {
+        Some(e) => error.with_detail(e.to_string()),
+        None => error,
+    }
 }
 
 impl Dataflow {
@@ -273,11 +287,22 @@ impl Dataflow {
             .build()
             .map_err(|e| WeirError::internal(format!("dataflow runtime: {e}")))?;
         let progress = output.progress.clone();
+        let output_progress = output.progress.clone();
         let view = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("weir-view-{name}"))
             .spawn(move || {
-                if let Err(e) = runtime.block_on(self.run(output, rx)) {
+                // A panic in an operator is a Weir bug; it stops this view, not the server,
+                // and shows as the view's error.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.block_on(self.run(output, rx))
+                }))
+                .unwrap_or_else(|_| {
+                    Err(WeirError::internal(
+                        "the materialized view's dataflow panicked",
+                    ))
+                });
+                if let Err(e) = result {
                     tracing::error!(view = %view, error = %e, "materialized view stopped");
                     progress.lock().unwrap_or_else(|p| p.into_inner()).error = Some(e);
                 }
@@ -285,6 +310,7 @@ impl Dataflow {
             .map_err(|e| WeirError::internal(format!("starting dataflow thread: {e}")))?;
         Ok(RunningDataflow {
             control,
+            progress: output_progress,
             thread: Some(thread),
         })
     }
@@ -297,12 +323,13 @@ impl Dataflow {
         let mut pending: Vec<PendingFlush> = Vec::new();
         let result = self.run_loop(&output, &mut control, &mut pending).await;
         if let Err(e) = &result {
+            // Every FLUSH, now or later, gets the same error: the view stopped, and why.
+            let error = stopped(Some(e));
             for (_, reply) in pending {
-                let _ = reply.send(Err(e.clone()));
+                let _ = reply.send(Err(error.clone()));
             }
-            // Later FLUSHes see the error too.
             while let Ok(Control::Flush(reply)) = control.try_recv() {
-                let _ = reply.send(Err(e.clone()));
+                let _ = reply.send(Err(error.clone()));
             }
         }
         result
