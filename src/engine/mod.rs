@@ -13,9 +13,11 @@ mod pgfuncs;
 mod queue;
 mod session;
 mod settings;
+mod source;
 mod stream;
 mod system;
 mod table;
+mod view;
 
 use std::collections::HashMap;
 use std::fs;
