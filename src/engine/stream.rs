@@ -161,21 +161,8 @@ pub(super) async fn execute(
             cascade,
         } => {
             let _ddl = weir.inner.ddl.lock().await;
-            match weir.inner.catalog.get(name) {
-                Some(r) if r.kind == RelationKind::Source => {}
-                Some(r) => {
-                    return Err(WeirError::new(
-                        SqlState("42809"),
-                        format!("\"{name}\" is not a source"),
-                    )
-                    .with_hint(format!(
-                        "it is a {}; use DROP {}",
-                        r.kind.noun(),
-                        r.kind.noun().to_uppercase()
-                    )));
-                }
-                None if *if_exists => return Ok(command("DROP SOURCE")),
-                None => return Err(undefined("source", name)),
+            if !exists_as(weir, name, RelationKind::Source, *if_exists)? {
+                return Ok(command("DROP SOURCE"));
             }
             drop_dependants(weir, name, *cascade, "source")?;
             if let Some(relation) = weir.inner.catalog.drop_relation(name)? {
@@ -230,17 +217,8 @@ pub(super) async fn execute(
             cascade,
         } => {
             let _ddl = weir.inner.ddl.lock().await;
-            match weir.inner.catalog.get(name) {
-                Some(r) if r.kind == RelationKind::MaterializedView => {}
-                Some(r) => {
-                    return Err(WeirError::new(
-                        SqlState("42809"),
-                        format!("\"{name}\" is not a materialized view"),
-                    )
-                    .with_hint(format!("it is a {}", r.kind.noun())));
-                }
-                None if *if_exists => return Ok(command("DROP MATERIALIZED VIEW")),
-                None => return Err(undefined("materialized view", name)),
+            if !exists_as(weir, name, RelationKind::MaterializedView, *if_exists)? {
+                return Ok(command("DROP MATERIALIZED VIEW"));
             }
             drop_dependants(weir, name, *cascade, "materialized view")?;
             drop_view(weir, name)?;
@@ -278,6 +256,25 @@ fn command(tag: &str) -> Output {
     Output::Command {
         tag: tag.to_string(),
         rows: None,
+    }
+}
+
+/// Whether `name` is a relation of `kind` to drop: 42809 if it is another kind, 42P01 if it
+/// does not exist (unless `if_exists`, then `false`).
+fn exists_as(weir: &Weir, name: &str, kind: RelationKind, if_exists: bool) -> WeirResult<bool> {
+    match weir.inner.catalog.get(name) {
+        Some(r) if r.kind == kind => Ok(true),
+        Some(r) => Err(WeirError::new(
+            SqlState("42809"),
+            format!("\"{name}\" is not a {}", kind.noun()),
+        )
+        .with_hint(format!(
+            "it is a {}; use DROP {}",
+            r.kind.noun(),
+            r.kind.noun().to_uppercase()
+        ))),
+        None if if_exists => Ok(false),
+        None => Err(undefined(kind.noun(), name)),
     }
 }
 
