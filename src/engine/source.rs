@@ -11,7 +11,6 @@ use arrow::datatypes::{DataType, Schema, SchemaRef};
 use async_trait::async_trait;
 use bytes::Bytes;
 use datafusion::catalog::{Session as DfSession, TableProvider};
-use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
@@ -29,6 +28,7 @@ use crate::connector::api::Source;
 use crate::connector::builtin::{METADATA_COLUMNS, TopicSource};
 use crate::connector::nexmark::{self, NexmarkConfig, NexmarkSource};
 use crate::format::decode::{SourceFormat, encode_csv, encode_json};
+use crate::plan::window::interval_ns;
 use crate::queue::topic::{Message, Topic, TopicConfig};
 use crate::sql::{Options, WatermarkDef, WeirStatement};
 use crate::state::ZSetState;
@@ -292,14 +292,7 @@ async fn watermark_spec(
                 return Err(bad());
             };
             match p.expr.first().map(|e| e.clone().unalias()) {
-                Some(Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _))
-                    if v.months == 0 =>
-                {
-                    i64::from(v.days) * 86_400_000_000_000 + v.nanoseconds
-                }
-                Some(Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _)) => {
-                    i64::from(v.days) * 86_400_000_000_000 + i64::from(v.milliseconds) * 1_000_000
-                }
+                Some(Expr::Literal(value, _)) => interval_ns(&value).ok_or_else(bad)?,
                 _ => return Err(bad()),
             }
         }

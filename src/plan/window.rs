@@ -35,6 +35,21 @@ use crate::types::{SqlState, WeirError};
 /// Looks up the relation a window function reads, by name.
 pub type RelationLookup = Arc<dyn Fn(&str) -> Option<Arc<dyn TableProvider>> + Send + Sync>;
 
+/// An interval literal of days or less as nanoseconds; `None` for months, NULL, other types or
+/// a value that does not fit.
+pub fn interval_ns(value: &ScalarValue) -> Option<i64> {
+    const DAY_NS: i64 = 86_400_000_000_000;
+    match value {
+        ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => i64::from(v.days)
+            .checked_mul(DAY_NS)?
+            .checked_add(v.nanoseconds),
+        ScalarValue::IntervalDayTime(Some(v)) => i64::from(v.days)
+            .checked_mul(DAY_NS)?
+            .checked_add(i64::from(v.milliseconds).checked_mul(1_000_000)?),
+        _ => None,
+    }
+}
+
 /// The relation `TUMBLE(...)`/`HOP(...)` return.
 #[derive(Debug)]
 pub struct WindowTable {
@@ -165,12 +180,7 @@ impl WindowFunction {
 
     fn interval_arg(&self, expr: &Expr, what: &str) -> datafusion::error::Result<i64> {
         let ns = match expr {
-            Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) if v.months == 0 => {
-                Some(i64::from(v.days) * 86_400_000_000_000 + v.nanoseconds)
-            }
-            Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
-                Some(i64::from(v.days) * 86_400_000_000_000 + i64::from(v.milliseconds) * 1_000_000)
-            }
+            Expr::Literal(value, _) => interval_ns(value),
             _ => None,
         };
         match ns {

@@ -104,7 +104,7 @@ pub fn assign_sessions(
         while j + 1 < n
             && !t.is_null(j + 1)
             && key_rows.as_ref().is_none_or(|k| k.row(j + 1) == k.row(i))
-            && t.value(j + 1) - t.value(j) < gap_ns
+            && t.value(j + 1).saturating_sub(t.value(j)) < gap_ns
         {
             j += 1;
         }

@@ -62,13 +62,19 @@ impl WindowKind {
                 continue;
             }
             let t = times.value(row);
-            let last = t.div_euclid(slide) * slide;
-            let mut start = last;
-            // Every aligned start s with s <= t < s + size.
-            while start > t - size {
+            // Every aligned start s with s <= t < s + size; a time so near the ends of the
+            // range that its window bounds do not fit belongs to no window.
+            let Some(mut start) = t.div_euclid(slide).checked_mul(slide) else {
+                continue;
+            };
+            let lowest = t.saturating_sub(size);
+            while start > lowest {
                 indices.push(row as u32);
                 starts.push(start);
-                start -= slide;
+                match start.checked_sub(slide) {
+                    Some(s) => start = s,
+                    None => break,
+                }
             }
         }
         let indices = UInt32Array::from(indices);

@@ -265,8 +265,12 @@ impl NexmarkSource {
                     "https://www.nexmark.com/c{c}/item.htm?query=1&channel_id={c}"
                 ));
             }
-            let ms = self.config.base_time_ms + (event_id as f64 * inter_event_us) as i64 / 1000;
-            time.push(ms * 1_000_000);
+            // `as` saturates, so extreme rates give extreme, not wrapped, times.
+            let ms = self
+                .config
+                .base_time_ms
+                .saturating_add((event_id as f64 * inter_event_us) as i64 / 1000);
+            time.push(ms.saturating_mul(1_000_000));
             let len = 48 + r.below(40) as usize;
             extra.push("x".repeat(len));
         }
