@@ -57,6 +57,8 @@ pub struct SourceHandle {
     /// Reads the source when no view does (counts, dead letters, late rows); stopped when the
     /// handle drops. `None` for generators.
     pub(super) monitor: Mutex<Option<RunningDataflow>>,
+    /// Set while views read the source: they keep its counts current, so the monitor rests.
+    pub(super) monitor_paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for SourceHandle {
@@ -354,6 +356,7 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
         watermark: def.watermark,
         watermark_text: def.watermark_text,
         monitor: Mutex::new(None),
+        monitor_paused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         relation: relation.clone(),
     });
     let reader = handle.reader()?; // also checks the schema is one the decoder takes
@@ -376,6 +379,7 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
         };
         let running = builder
             .build(root)
+            .with_pause(handle.monitor_paused.clone())
             .start(&format!("source-{}", relation.name), output)?;
         *handle.monitor.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
     }

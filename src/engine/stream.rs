@@ -330,7 +330,19 @@ fn drop_view(weir: &Weir, name: &str) -> WeirResult<()> {
     weir.deregister_relation(name);
     // Dropping the handle stops the dataflow.
     weir.lock_views().remove(name);
+    rest_monitors(weir);
     Ok(())
+}
+
+/// A source's monitor rests while some view reads the source (that view records the same
+/// counts, dead letters and late rows), and reads again once none does.
+pub(super) fn rest_monitors(weir: &Weir) {
+    for source in weir.open_sources() {
+        let read = !dependants_of(weir, &source.relation.name).is_empty();
+        source
+            .monitor_paused
+            .store(read, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Relations DROP TABLE / DROP TOPIC must check: views reading them.

@@ -213,6 +213,7 @@ pub(super) fn start_view(
         }),
     )?;
     weir.lock_views().insert(relation.name.clone(), handle);
+    super::stream::rest_monitors(weir);
     Ok(())
 }
 

@@ -131,6 +131,7 @@ impl DataflowBuilder {
             nodes: self.nodes,
             inputs: self.inputs,
             root,
+            paused: None,
         }
     }
 }
@@ -140,6 +141,9 @@ pub struct Dataflow {
     nodes: Vec<Node>,
     inputs: Vec<Input>,
     root: Endpoint,
+    /// While set, the dataflow reads nothing and answers every FLUSH at once (a source's
+    /// monitor while views read the source for it). Set by the engine; read each round.
+    paused: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What a running dataflow reports.
@@ -240,6 +244,12 @@ fn stopped(cause: Option<&WeirError>) -> WeirError {
 }
 
 impl Dataflow {
+    /// Makes the dataflow pausable by `flag` (see the field).
+    pub fn with_pause(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.paused = Some(flag);
+        self
+    }
+
     /// `EXPLAIN`: the tree, root first, one operator per line.
     pub fn explain(&self) -> Vec<String> {
         let mut lines = Vec::new();
@@ -357,6 +367,23 @@ impl Dataflow {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
                 }
+            }
+            let paused = self
+                .paused
+                .as_ref()
+                .is_some_and(|p| p.load(std::sync::atomic::Ordering::Acquire));
+            if paused {
+                for (_, reply) in pending.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(IDLE_WAIT) => {}
+                    message = control.recv() => match message {
+                        Some(Control::Flush(reply)) => pending.push((self.published(), reply)),
+                        None => return Ok(()),
+                    },
+                }
+                continue;
             }
             let mut progressed = false;
             for i in 0..self.inputs.len() {

@@ -136,3 +136,40 @@ async fn psql_copy_publishes_into_a_source() {
     );
     server.shutdown().await;
 }
+
+/// While a view reads a source its monitor rests (the view records the counts); once the last
+/// view is dropped the monitor reads again, and nothing is counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_rests_while_views_read_and_resumes_after() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE SOURCE watched (k BIGINT) WITH (topic = 'watched_t') FORMAT JSON;
+             CREATE MATERIALIZED VIEW watching AS SELECT count(*) AS n FROM watched;
+             INSERT INTO watched_t (payload) VALUES ('{\"k\": 1}'), ('oops');
+             FLUSH;
+             DROP MATERIALIZED VIEW watching;
+             INSERT INTO watched_t (payload) VALUES ('{\"k\": 2}'), ('oops again');
+             FLUSH;",
+        )
+        .await
+        .expect("set up");
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT \"offset\", payload FROM weir_dead_letters ORDER BY 1"
+        )
+        .await,
+        vec![text(&["1", "oops"]), text(&["3", "oops again"])]
+    );
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT messages, dead_letters FROM weir_source_stats"
+        )
+        .await,
+        vec![text(&["4", "2"])]
+    );
+    server.shutdown().await;
+}
