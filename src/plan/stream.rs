@@ -235,16 +235,18 @@ impl Compiler<'_> {
                     .map(|&c| relation_schema.field(c).name().clone()),
             )
             .collect();
-        let stage1 = self.keyed(
+        let stage1 = self.aggregate(
             s1_groups,
             s1_names,
             s1_aggs,
             &pane_schema,
             s1_schema.clone(),
+            AggregateMode::EmitOnWindowClose,
             Some(WindowKey {
                 group_index: 0,
                 end_offset_ns: shape.slide_ns,
             }),
+            true,
         )?;
         let stage1 = self.builder.operator(stage1, vec![panes]);
         // 3. Each pane's row into the windows that contain it.
@@ -305,7 +307,16 @@ impl Compiler<'_> {
             s2_aggs.push((Arc::new(expr), None));
         }
         let schema = Arc::new(a.schema.as_arrow().clone());
-        let stage2 = self.keyed(s2_groups, s2_names, s2_aggs, &s2_input, schema, window_key)?;
+        let stage2 = self.aggregate(
+            s2_groups,
+            s2_names,
+            s2_aggs,
+            &s2_input,
+            schema,
+            AggregateMode::EmitOnWindowClose,
+            window_key,
+            true,
+        )?;
         let at = self.builder.operator(stage2, vec![windows]);
         *closes = true;
         let mut windows_out = vec![None; a.schema.fields().len()];
@@ -324,38 +335,50 @@ impl Compiler<'_> {
         }))
     }
 
-    /// An EOWC aggregate, `parallelism` ways behind an exchange when it has keys.
-    fn keyed(
+    /// An aggregate operator: `WindowAggregateOperator` for EOWC windows over append-only input
+    /// whose functions all have groups accumulators, `AggregateOperator` otherwise; with keys,
+    /// `parallelism` instances behind a hash exchange on them.
+    #[allow(clippy::too_many_arguments)]
+    fn aggregate(
         &self,
         groups: Vec<Arc<dyn PhysicalExpr>>,
         names: Vec<String>,
         aggs: Vec<crate::stream::AggregateInput>,
         input_schema: &arrow::datatypes::Schema,
         schema: arrow::datatypes::SchemaRef,
+        mode: AggregateMode,
         window: Option<WindowKey>,
+        append_only: bool,
     ) -> WeirResult<Box<dyn crate::stream::Operator>> {
-        let mut ops: Vec<Box<dyn crate::stream::Operator>> = Vec::new();
-        for _ in 0..self.parallelism {
+        // A global aggregate has one group.
+        let instances = if groups.is_empty() {
+            1
+        } else {
+            self.parallelism
+        };
+        let vectorized = mode == AggregateMode::EmitOnWindowClose
+            && append_only
+            && WindowAggregateOperator::supports(&aggs);
+        let mut ops: Vec<Box<dyn crate::stream::Operator>> = Vec::with_capacity(instances);
+        for _ in 0..instances {
             ops.push(match window {
-                Some(w) if WindowAggregateOperator::supports(&aggs) => {
-                    Box::new(WindowAggregateOperator::try_new(
-                        groups.clone(),
-                        names.clone(),
-                        aggs.clone(),
-                        input_schema,
-                        schema.clone(),
-                        w,
-                    )?)
-                }
+                Some(w) if vectorized => Box::new(WindowAggregateOperator::try_new(
+                    groups.clone(),
+                    names.clone(),
+                    aggs.clone(),
+                    input_schema,
+                    schema.clone(),
+                    w,
+                )?),
                 _ => Box::new(AggregateOperator::try_new(
                     groups.clone(),
                     names.clone(),
                     aggs.clone(),
                     input_schema,
                     schema.clone(),
-                    AggregateMode::EmitOnWindowClose,
+                    mode,
                     window,
-                    true,
+                    append_only,
                 )?),
             });
         }
@@ -713,48 +736,16 @@ impl Compiler<'_> {
                     AggregateMode::Updating
                 };
                 let schema = Arc::new(a.schema.as_arrow().clone());
-                let instances = if group_exprs.is_empty() {
-                    1 // a global aggregate has one group
-                } else {
-                    self.parallelism
-                };
-                let vectorized = mode == AggregateMode::EmitOnWindowClose
-                    && input.append_only
-                    && WindowAggregateOperator::supports(&aggs);
-                let mut ops: Vec<Box<dyn crate::stream::Operator>> = Vec::with_capacity(instances);
-                for _ in 0..instances {
-                    ops.push(match window {
-                        Some(w) if vectorized => Box::new(WindowAggregateOperator::try_new(
-                            group_exprs.clone(),
-                            group_names.clone(),
-                            aggs.clone(),
-                            &input_arrow,
-                            schema.clone(),
-                            w,
-                        )?),
-                        _ => Box::new(AggregateOperator::try_new(
-                            group_exprs.clone(),
-                            group_names.clone(),
-                            aggs.clone(),
-                            &input_arrow,
-                            schema.clone(),
-                            mode,
-                            window,
-                            input.append_only,
-                        )?),
-                    });
-                }
-                let op: Box<dyn crate::stream::Operator> = if instances == 1 {
-                    ops.pop()
-                        .ok_or_else(|| WeirError::internal("no aggregate instance"))?
-                } else {
-                    Box::new(ExchangeOperator::try_new(
-                        group_exprs.clone(),
-                        &input_arrow,
-                        ops,
-                        "aggregate",
-                    )?)
-                };
+                let op = self.aggregate(
+                    group_exprs,
+                    group_names,
+                    aggs,
+                    &input_arrow,
+                    schema,
+                    mode,
+                    window,
+                    input.append_only,
+                )?;
                 let at = self.builder.operator(op, vec![input.at]);
                 let mut windows = vec![None; a.schema.fields().len()];
                 for (g, e) in a.group_expr.iter().enumerate() {

@@ -492,27 +492,26 @@ impl Dataflow {
                 .ok_or_else(|| WeirError::internal("event-time column is not a timestamp"))?
                 .clone();
             let before = input.max_event_time;
-            let (late, max_event_time) = spec.late_mask(&times, before)?;
-            // The watermark each late row met: from the rows before it.
-            let mut running = before;
-            for (row, &is_late) in late.iter().enumerate() {
-                if is_late {
-                    late_rows.push(LateRow {
-                        partition: chunk.partition,
-                        offset: chunk.offsets[row],
-                        event_time: times.value(row),
-                        watermark: spec.watermark(running),
-                    });
-                }
-                running = running.max(times.value(row));
-            }
+            let (late, max_event_time) = spec.late_rows(&times, before)?;
             input.max_event_time = max_event_time;
             input.last_activity = (std::time::Instant::now(), max_event_time);
             watermark = Some(spec.watermark(max_event_time));
-            if input.drop_late && !late_rows.is_empty() {
-                let keep: BooleanArray = late.iter().map(|l| Some(!l)).collect();
-                changes = filter_change(&changes, &keep)?;
+            if input.drop_late && !late.is_empty() {
+                let mut keep = vec![true; times.len()];
+                for &(row, _) in &late {
+                    keep[row] = false;
+                }
+                changes = filter_change(&changes, &BooleanArray::from(keep))?;
             }
+            late_rows = late
+                .into_iter()
+                .map(|(row, met)| LateRow {
+                    partition: chunk.partition,
+                    offset: chunk.offsets[row],
+                    event_time: times.value(row),
+                    watermark: met,
+                })
+                .collect();
         }
         if let Some(stats) = &input.stats {
             let end = input.source.positions()[chunk.partition as usize];

@@ -41,20 +41,23 @@ impl WatermarkSpec {
         }
     }
 
-    /// For each row: late or not, given the largest event time seen before the batch; returns
-    /// the mask and the new largest event time. Event times must be non-null (sources send
-    /// rows without one to the dead letters).
-    pub fn late_mask(
+    /// The late rows of a batch, given the largest event time seen before it: each late row's
+    /// index with the watermark it met; and the new largest event time. Event times must be
+    /// non-null (sources send rows without one to the dead letters).
+    pub fn late_rows(
         &self,
         times: &TimestampNanosecondArray,
         mut max_event_time: EventTime,
-    ) -> WeirResult<(Vec<bool>, EventTime)> {
+    ) -> WeirResult<(Vec<(usize, EventTime)>, EventTime)> {
         if times.null_count() > 0 {
             return Err(WeirError::internal("event time NULL after decoding"));
         }
-        let mut late = Vec::with_capacity(times.len());
-        for &t in times.values().iter() {
-            late.push(t < self.watermark(max_event_time));
+        let mut late = Vec::new();
+        for (row, &t) in times.values().iter().enumerate() {
+            let watermark = self.watermark(max_event_time);
+            if t < watermark {
+                late.push((row, watermark));
+            }
             max_event_time = max_event_time.max(t);
         }
         Ok((late, max_event_time))
