@@ -428,7 +428,7 @@ impl TableProvider for SourceTable {
         while let Some(chunk) = reader.poll(8192).map_err(to_df)? {
             batches.push(chunk.changes.rows);
         }
-        let schema = super::view::nullable(&self.source.schema);
+        let schema = super::table::nullable(&self.source.schema);
         let batches = batches
             .into_iter()
             .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))

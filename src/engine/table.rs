@@ -178,8 +178,9 @@ impl TableStore {
 }
 
 /// The schema with every column nullable (for change batches that carry
-/// retractions, which are checked against NOT NULL by the state).
-pub(super) fn nullable(schema: &SchemaRef) -> SchemaRef {
+/// retractions, which are checked against NOT NULL by the state; for view and
+/// source rows).
+pub(super) fn nullable(schema: &Schema) -> SchemaRef {
     Arc::new(Schema::new(
         schema
             .fields()

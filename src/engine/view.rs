@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session as DfSession, TableProvider};
 use datafusion::datasource::TableType;
@@ -16,6 +16,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::sql::sqlparser::ast;
 
+use super::table::nullable;
 use super::{Weir, ddl};
 use crate::catalog::Relation;
 use crate::connector::api::Source;
@@ -169,16 +170,6 @@ pub(super) fn parse_parallelism(value: &str) -> WeirResult<usize> {
         )
         .with_hint("use a whole number from 1 to 64")),
     }
-}
-
-pub(super) fn nullable(schema: &Schema) -> SchemaRef {
-    Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<_>>(),
-    ))
 }
 
 pub(super) fn start_view(
