@@ -30,6 +30,10 @@ enum Command {
         /// HTTP address (/health, /metrics).
         #[arg(long, env = "WEIR_HTTP_ADDR", default_value = "127.0.0.1:8488")]
         http_addr: String,
+        /// How often materialized views and sinks checkpoint (e.g. 10s, 500ms, 1min);
+        /// a session's `SET checkpoint_interval` overrides it for the views it creates.
+        #[arg(long, env = "WEIR_CHECKPOINT_INTERVAL", default_value = "10s")]
+        checkpoint_interval: String,
     },
 }
 
@@ -57,11 +61,24 @@ fn main() -> ExitCode {
             data_dir,
             pg_addr,
             http_addr,
-        } => runtime.block_on(serve(ServerConfig {
-            pg_addr,
-            http_addr,
-            data_dir,
-        })),
+            checkpoint_interval,
+        } => {
+            let checkpoint_interval = match weir::sql::parse_duration_ms(&checkpoint_interval) {
+                Ok(ms) if ms > 0 => std::time::Duration::from_millis(ms),
+                _ => {
+                    eprintln!(
+                        "weir: invalid --checkpoint-interval \"{checkpoint_interval}\"; write e.g. 10s, 500ms or 1min"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(serve(ServerConfig {
+                pg_addr,
+                http_addr,
+                data_dir,
+                checkpoint_interval,
+            }))
+        }
     }
 }
 

@@ -27,6 +27,7 @@ pub enum RelationKind {
     Subscription,
     Source,
     MaterializedView,
+    Sink,
 }
 
 impl RelationKind {
@@ -38,6 +39,7 @@ impl RelationKind {
             RelationKind::Subscription => "subscription",
             RelationKind::Source => "source",
             RelationKind::MaterializedView => "materialized view",
+            RelationKind::Sink => "sink",
         }
     }
 }

@@ -39,7 +39,7 @@ pub struct SourceChunk {
 ///   position has reached what `published()` said then (`FLUSH` is built on this).
 /// - `wait` returns when something new may be readable or at the deadline; cancel-safe.
 /// - Sources know nothing of barriers or watermarks: the runtime derives watermarks from the
-///   rows' event times.
+///   rows' event times, and checkpoints store `positions()`; recovery calls `seek`.
 #[async_trait]
 pub trait Source: Send + Sync {
     /// The next rows, at most about `max_messages` messages' worth.
@@ -49,4 +49,44 @@ pub trait Source: Send + Sync {
     async fn wait(&self, deadline: tokio::time::Instant);
     /// Whether rows are only ever inserted (topics) rather than also retracted (tables).
     fn append_only(&self) -> bool;
+    /// Resumes at `positions` (what `positions()` said at a checkpoint). A position older than
+    /// the oldest retained message resumes at the oldest (the gap is retention's, and logged).
+    fn seek(&mut self, positions: &[u64]) -> WeirResult<()>;
+}
+
+/// Where a materialized view's output goes outside Weir (`CREATE SINK`): files, topics,
+/// brokers. A sink runs at the root of its own dataflow and takes part in its checkpoints.
+///
+/// Contract (two-phase commit, driven by the dataflow's checkpoints):
+/// - `write` receives the view's changes in order. Weights are +1 (insert) or −1 (delete);
+///   `None` means all inserts. A sink that cannot represent deletes refuses them with an error
+///   (the sink then stops and shows the error); the engine refuses such sinks at `CREATE` time
+///   when it can tell. `write` never blocks on the network: it buffers.
+/// - `tick` runs between rounds of the dataflow (about every 100 ms when idle): time-based
+///   work such as closing a file that has been open for `rollover`.
+/// - `precommit(epoch)` ends epoch `epoch`: everything written so far is made durable but not
+///   visible (staged files, buffered messages), and the sink returns the bytes it needs to
+///   finish or redo that epoch; they go into the checkpoint.
+/// - `commit(epoch)` runs once the checkpoint of `epoch` is durable: the epoch's output
+///   becomes visible. It must be idempotent: after a crash it runs again with the restored
+///   state.
+/// - `restore(epoch, state)` runs once before anything else: `state` is what `precommit`
+///   returned for the last durable checkpoint `epoch` (its `commit` may not have run), or
+///   `None` on a fresh start. The sink discards output staged after that checkpoint.
+#[async_trait]
+pub trait Sink: Send {
+    /// One line for `EXPLAIN` and `SHOW SINKS`: the connector and its target.
+    fn describe(&self) -> String;
+
+    fn write(&mut self, changes: &ChangeBatch) -> WeirResult<()>;
+
+    async fn tick(&mut self) -> WeirResult<()> {
+        Ok(())
+    }
+
+    async fn precommit(&mut self, epoch: u64) -> WeirResult<Vec<u8>>;
+
+    async fn commit(&mut self, epoch: u64) -> WeirResult<()>;
+
+    async fn restore(&mut self, epoch: u64, state: Option<&[u8]>) -> WeirResult<()>;
 }

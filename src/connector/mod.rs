@@ -8,3 +8,5 @@
 pub mod api;
 pub mod builtin;
 pub mod nexmark;
+pub mod rabbitmq;
+pub mod parquet;

@@ -13,6 +13,7 @@ mod pgfuncs;
 mod queue;
 mod session;
 mod settings;
+mod sink;
 mod source;
 mod stream;
 mod system;
@@ -65,6 +66,8 @@ pub struct WeirConfig {
     /// Largest COPY FROM STDIN payload accepted in one statement.
     pub copy_bytes_max: usize,
     pub log: LogConfig,
+    /// How often views and sinks checkpoint unless their definition says otherwise.
+    pub checkpoint_interval: std::time::Duration,
 }
 
 impl WeirConfig {
@@ -73,6 +76,7 @@ impl WeirConfig {
             data_dir: data_dir.into(),
             copy_bytes_max: 1 << 30,
             log: LogConfig::default(),
+            checkpoint_interval: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -110,6 +114,8 @@ struct Inner {
     /// Open materialized views by name (also registered in `ctx`); dropping one stops its
     /// dataflow.
     views: Mutex<HashMap<String, Arc<stream::ViewHandle>>>,
+    /// Open sinks by name; dropping one stops its dataflow.
+    sinks: Mutex<HashMap<String, Arc<sink::SinkHandle>>>,
     /// Tables, sources and views by name, for the TUMBLE/HOP table functions (which cannot
     /// reach `ctx`'s catalog synchronously). Shared with the functions registered in `ctx`.
     relations: Arc<Mutex<HashMap<String, Arc<dyn datafusion::catalog::TableProvider>>>>,
@@ -188,6 +194,7 @@ impl Weir {
                 subscriptions: Mutex::new(HashMap::new()),
                 sources: Mutex::new(HashMap::new()),
                 views: Mutex::new(HashMap::new()),
+                sinks: Mutex::new(HashMap::new()),
                 relations,
                 ddl: tokio::sync::Mutex::new(()),
                 metrics: Metrics::default(),
@@ -217,6 +224,7 @@ impl Weir {
                 RelationKind::Topic
                 | RelationKind::Subscription
                 | RelationKind::Source
+                | RelationKind::Sink
                 | RelationKind::MaterializedView => {}
                 RelationKind::Table => {
                     let started = std::time::Instant::now();
@@ -231,7 +239,7 @@ impl Weir {
             }
         }
         for relation in relations.iter().filter(|r| r.kind == RelationKind::Source) {
-            stream::open_source(self, relation.clone()).await?;
+            stream::open_source(self, relation.clone(), false).await?;
         }
         // Views in creation order: a view reads only relations created before it.
         let mut views: Vec<_> = relations
@@ -241,6 +249,13 @@ impl Weir {
         views.sort_by_key(|r| r.id);
         for relation in views {
             stream::open_view(self, relation.clone()).await?;
+        }
+        for relation in relations.iter().filter(|r| r.kind == RelationKind::Sink) {
+            sink::open_sink(self, relation.clone()).await?;
+        }
+        // Monitors last: the views above rested those of the sources they read.
+        for source in self.open_sources() {
+            source::start_monitor(self, &source)?;
         }
         ddl::remove_orphan_storage(self, &relations)?;
         Ok(())

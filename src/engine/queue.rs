@@ -378,12 +378,16 @@ pub(super) fn show_query(statement: &WeirStatement) -> Option<&'static str> {
         ),
         WeirStatement::ShowSources => Some(
             "SELECT s.source AS name, s.topic, s.format, s.watermark, st.messages, \
-             st.dead_letters, st.late_rows, s.delivery FROM weir_sources s \
+             st.dead_letters, st.late_rows, s.delivery, s.status FROM weir_sources s \
              JOIN weir_source_stats st ON s.source = st.source ORDER BY s.source",
         ),
         WeirStatement::ShowMaterializedViews => Some(
             "SELECT view AS name, emit, rows, status, definition FROM weir_materialized_views \
              ORDER BY view",
+        ),
+        WeirStatement::ShowSinks => Some(
+            "SELECT sink AS name, from_view AS \"from\", connector, target, rows, status, \
+             delivery, last_epoch FROM weir_sinks ORDER BY sink",
         ),
         WeirStatement::ShowSubscriptions => Some(
             "SELECT subscription AS name, max(mode) AS mode, sum(lag) AS lag, \
@@ -471,6 +475,7 @@ pub(super) async fn execute(
         WeirStatement::ShowTopics
         | WeirStatement::ShowSubscriptions
         | WeirStatement::ShowSources
+        | WeirStatement::ShowSinks
         | WeirStatement::ShowMaterializedViews => Err(WeirError::internal(
             "SHOW statements run as queries and never reach execute",
         )),
@@ -479,6 +484,9 @@ pub(super) async fn execute(
         | WeirStatement::CreateMaterializedView { .. }
         | WeirStatement::DropMaterializedView { .. }
         | WeirStatement::ExplainMaterializedView { .. }
+        | WeirStatement::CreateSink { .. }
+        | WeirStatement::DropSink { .. }
+        | WeirStatement::Checkpoint
         | WeirStatement::Flush => Err(WeirError::internal(
             "streaming statements are run by engine::stream",
         )),

@@ -200,13 +200,24 @@ impl Session {
                 | WeirStatement::CreateMaterializedView { .. }
                 | WeirStatement::DropMaterializedView { .. }
                 | WeirStatement::ExplainMaterializedView { .. }
+                | WeirStatement::CreateSink { .. }
+                | WeirStatement::DropSink { .. }
+                | WeirStatement::Checkpoint
                 | WeirStatement::Flush),
             ) => {
                 let parallelism = match self.settings.get("streaming_parallelism") {
                     Some(v) => super::stream::parse_parallelism(v)?,
                     None => super::stream::default_parallelism(),
                 };
-                return super::stream::execute(&weir, w, parallelism).await;
+                let checkpoint_interval_ms = match self.settings.get("checkpoint_interval") {
+                    Some(v) => Some(super::stream::parse_checkpoint_interval(v)?),
+                    None => None,
+                };
+                let settings = super::stream::StreamSettings {
+                    parallelism,
+                    checkpoint_interval_ms,
+                };
+                return super::stream::execute(&weir, w, &settings).await;
             }
             Statement::Weir(w) => return queue::execute(&weir, &self.consumer, w).await,
             Statement::Sql(s) => s.as_ref(),
@@ -399,6 +410,9 @@ impl Session {
                 .with_hint("Weir speaks UTF8 only: SET client_encoding = 'UTF8'"));
             }
             ("streaming_parallelism", _) => super::stream::parse_parallelism(&value)?.to_string(),
+            ("checkpoint_interval", _) => {
+                format!("{}ms", super::stream::parse_checkpoint_interval(&value)?)
+            }
             _ => value,
         };
         self.settings.insert(name.clone(), value.clone());

@@ -2,8 +2,14 @@
 //! source (its topic or generator, and its monitor dataflow), and the relation DataFusion sees
 //! for it ([`SourceTable`]: `SELECT` decodes the retained history, `INSERT` publishes encoded
 //! rows). The statements themselves are dispatched in `stream.rs`.
+//!
+//! A broker source (`connector = 'rabbitmq'`) is a source over its own topic plus an ingest
+//! task that appends the broker's messages to that topic ([`TopicIngestLog`]); everything else
+//! (views, `SELECT`, dead letters, `FLUSH`) reads the topic as for a builtin source. Such a
+//! source refuses `INSERT` and `COPY`: its only writer is the ingest.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -27,14 +33,17 @@ use crate::catalog::Relation;
 use crate::connector::api::Source;
 use crate::connector::builtin::{METADATA_COLUMNS, TopicSource};
 use crate::connector::nexmark::{self, NexmarkConfig, NexmarkSource};
+use crate::connector::rabbitmq::{
+    self, IngestLog, IngestMessage, IngestStatus, RabbitMqConfig, RabbitMqMode,
+};
 use crate::format::decode::{SourceFormat, encode_csv, encode_json};
 use crate::plan::window::interval_ns;
-use crate::queue::topic::{Message, Topic, TopicConfig};
+use crate::queue::topic::{Message, Topic, TopicConfig, message_bytes};
 use crate::sql::{Options, WatermarkDef, WeirStatement};
 use crate::state::ZSetState;
 use crate::stream::{
-    DataflowBuilder, DiscardOperator, Progress, RunningDataflow, SourceStats, ViewOutput,
-    WatermarkSpec,
+    DataflowBuilder, DiscardOperator, Progress, RunningDataflow, SourceStats, TaskHandle,
+    ViewOutput, WatermarkSpec,
 };
 use crate::types::{SqlState, WeirError, WeirResult};
 
@@ -59,6 +68,18 @@ pub struct SourceHandle {
     pub(super) monitor: Mutex<Option<RunningDataflow>>,
     /// Set while views read the source: they keep its counts current, so the monitor rests.
     pub(super) monitor_paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Set for `connector = 'rabbitmq'`: the ingest appending the broker's messages to `topic`.
+    pub(super) ingest: Option<BrokerIngest>,
+}
+
+/// A broker source's ingest task and what it reports.
+pub(super) struct BrokerIngest {
+    pub(super) config: RabbitMqConfig,
+    /// Written by the ingest task, read by `weir_sources`.
+    pub(super) status: Arc<IngestStatus>,
+    /// The ingest (`rabbitmq::run`); aborted when the handle drops (DROP SOURCE, shutdown).
+    /// Unacknowledged deliveries then go back to the queue when its connection closes.
+    _task: TaskHandle,
 }
 
 impl fmt::Debug for SourceHandle {
@@ -92,32 +113,89 @@ impl SourceHandle {
 
     /// The delivery guarantee views get, for `SHOW SOURCES`.
     pub fn delivery(&self) -> &'static str {
-        if self.nexmark.is_some() {
-            "exactly once: a deterministic generator, replayed on restart"
-        } else {
-            "exactly once: views are rebuilt from the retained log"
+        match &self.ingest {
+            Some(i) if i.config.mode == RabbitMqMode::Stream => {
+                "exactly once: stream offset stored with each message"
+            }
+            Some(_) => {
+                "exactly once: acknowledged after the durable append; redeliveries deduplicated"
+            }
+            None if self.nexmark.is_some() => {
+                "exactly once: a deterministic generator, replayed on restart"
+            }
+            None => "exactly once: views are rebuilt from the retained log",
         }
     }
 
-    /// What the source reads, for `weir_sources`.
+    /// What the source reads, for `weir_sources` (never a password).
     pub fn origin(&self) -> String {
+        if let Some(ingest) = &self.ingest {
+            return ingest.config.origin();
+        }
         match (&self.nexmark, &self.topic_name) {
             (Some(c), _) => format!("nexmark generator ({} bids)", c.events),
             (None, Some(t)) => t.clone(),
             (None, None) => format!("{} (own)", self.relation.name),
         }
     }
+
+    /// The ingest's state for `weir_sources` and `SHOW SOURCES`: `running` for sources Weir
+    /// writes itself; for a broker source `connecting`, `running` or `reconnecting (attempt N):
+    /// <error>`.
+    pub fn status(&self) -> String {
+        match &self.ingest {
+            Some(i) => i.status.snapshot().state,
+            None => "running".to_string(),
+        }
+    }
+
+    /// The broker ingest's counters, if this is a broker source.
+    pub fn ingest_status(&self) -> Option<rabbitmq::IngestSnapshot> {
+        self.ingest.as_ref().map(|i| i.status.snapshot())
+    }
+
+    /// 0A000 for a broker source: its only writer is the ingest.
+    fn refuse_writes(&self) -> WeirResult<()> {
+        match &self.ingest {
+            Some(i) => Err(WeirError::unsupported(
+                format!(
+                    "source \"{}\" reads RabbitMQ queue \"{}\" and cannot be written to",
+                    self.relation.name, i.config.queue
+                ),
+                format!(
+                    "publish to the RabbitMQ queue \"{}\" instead",
+                    i.config.queue
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A `CREATE SOURCE` checked and planned.
 pub(super) struct SourceDefinition {
+    /// The source's name.
+    name: String,
     schema: SchemaRef,
     nexmark: Option<NexmarkConfig>,
+    /// Set for `connector = 'rabbitmq'`.
+    rabbitmq: Option<RabbitMqConfig>,
     format: SourceFormat,
     watermark: Option<WatermarkSpec>,
     watermark_text: Option<String>,
     pub(super) topic_name: Option<String>,
     pub(super) topic_options: Options,
+}
+
+impl SourceDefinition {
+    /// Connects to the source's broker once, at `CREATE SOURCE` time, so that a source that
+    /// cannot read fails there (08001, 28P01, 42704, ...) rather than in `weir_sources` later.
+    pub(super) async fn check_connector(&self) -> WeirResult<()> {
+        match &self.rabbitmq {
+            Some(config) => rabbitmq::check(config, &self.name).await,
+            None => Ok(()),
+        }
+    }
 }
 
 pub(super) async fn source_definition(
@@ -141,6 +219,14 @@ pub(super) async fn source_definition(
     let is_nexmark = options
         .iter()
         .any(|(k, v)| k == "connector" && v.eq_ignore_ascii_case("nexmark"));
+    let is_rabbitmq = options
+        .iter()
+        .any(|(k, v)| k == "connector" && v.eq_ignore_ascii_case("rabbitmq"));
+    let rabbitmq = if is_rabbitmq {
+        Some(RabbitMqConfig::from_options(options)?)
+    } else {
+        None
+    };
     let nexmark = if is_nexmark {
         if let Some((key, _)) = options
             .iter()
@@ -156,11 +242,11 @@ pub(super) async fn source_definition(
     } else {
         None
     };
-    for (key, value) in options.iter().filter(|_| !is_nexmark) {
+    for (key, value) in options.iter().filter(|_| !is_nexmark && !is_rabbitmq) {
         match key.as_str() {
             "connector" => match value.to_ascii_lowercase().as_str() {
                 "builtin" => {}
-                "rabbitmq" | "nats" | "mqtt" | "kafka" | "datagen" | "file" => {
+                "nats" | "mqtt" | "kafka" | "datagen" | "file" => {
                     return Err(WeirError::unsupported(
                         format!("connector '{value}' is not available yet"),
                         "use connector = 'builtin' (a Weir topic); broker connectors are being built",
@@ -171,7 +257,7 @@ pub(super) async fn source_definition(
                         SqlState::INVALID_PARAMETER_VALUE,
                         format!("unknown connector '{other}'"),
                     )
-                    .with_hint("valid connectors: builtin, nexmark"));
+                    .with_hint("valid connectors: builtin, nexmark, rabbitmq"));
                 }
             },
             "topic" => topic_name = Some(value.clone()),
@@ -226,8 +312,10 @@ pub(super) async fn source_definition(
         }
     };
     Ok(SourceDefinition {
+        name: name.clone(),
         schema,
         nexmark,
+        rabbitmq,
         format,
         watermark,
         watermark_text,
@@ -311,7 +399,9 @@ async fn watermark_spec(
 }
 
 /// Opens a source from its catalog entry (its named topic must be open).
-pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<()> {
+/// `monitor`: start the source's monitor now (on `CREATE`; on start the engine starts
+/// monitors once the views are open).
+pub(super) async fn open_source(weir: &Weir, relation: Relation, monitor: bool) -> WeirResult<()> {
     let statement = match weir.parse(&relation.sql)?.pop() {
         Some(crate::sql::Statement::Weir(w)) => w,
         _ => {
@@ -346,7 +436,29 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
             ))
         }
     };
+    let ingest = match (&def.rabbitmq, &topic) {
+        (Some(config), Some(topic)) => {
+            let status = Arc::new(IngestStatus::new());
+            let log = Arc::new(TopicIngestLog {
+                topic: topic.clone(),
+                marker: weir
+                    .storage_dir("sources", relation.id)
+                    .join(ACKED_MARKER_FILE),
+            });
+            let task = TaskHandle::spawn(
+                "rabbitmq-ingest",
+                rabbitmq::run(config.clone(), relation.name.clone(), log, status.clone()),
+            );
+            Some(BrokerIngest {
+                config: config.clone(),
+                status,
+                _task: task,
+            })
+        }
+        _ => None,
+    };
     let handle = Arc::new(SourceHandle {
+        ingest,
         stats: Arc::new(SourceStats::new(relation.name.clone())),
         topic,
         nexmark: def.nexmark,
@@ -359,8 +471,28 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
         monitor_paused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         relation: relation.clone(),
     });
-    let reader = handle.reader()?; // also checks the schema is one the decoder takes
+    handle.reader()?; // checks the schema is one the decoder takes
+    weir.register_relation(
+        &relation.name,
+        Arc::new(SourceTable {
+            source: handle.clone(),
+        }),
+    )?;
+    weir.lock_sources().insert(relation.name.clone(), handle.clone());
+    if monitor {
+        start_monitor(weir, &handle)?;
+    }
+    Ok(())
+}
+
+/// Starts a source's monitor: a dataflow that reads the source when no view does, so its
+/// counts and dead letters stay current. It checkpoints its position like a view, so a
+/// restart does not read the whole log again. On start the engine starts monitors after
+/// the views, which rest the monitors of the sources they read.
+pub(super) fn start_monitor(weir: &Weir, handle: &Arc<SourceHandle>) -> WeirResult<()> {
+    let relation = &handle.relation;
     if handle.nexmark.is_none() {
+        let reader = handle.reader()?;
         let mut builder = DataflowBuilder::new();
         let input = builder.input(
             &relation.name,
@@ -377,20 +509,94 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation) -> WeirResult<(
             )?)),
             progress: Arc::new(Mutex::new(Progress::default())),
         };
+        let (checkpointing, _) =
+            super::view::checkpointing(weir, relation, format!("monitor\n{}", relation.sql));
         let running = builder
             .build(root)
             .with_pause(handle.monitor_paused.clone())
+            .with_checkpoints(checkpointing)
             .start(&format!("source-{}", relation.name), output)?;
         *handle.monitor.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
     }
-    weir.register_relation(
-        &relation.name,
-        Arc::new(SourceTable {
-            source: handle.clone(),
-        }),
-    )?;
-    weir.lock_sources().insert(relation.name.clone(), handle);
     Ok(())
+}
+
+/// The queue-mode "acknowledged through offset X" marker, next to the source's topic.
+const ACKED_MARKER_FILE: &str = "rabbitmq-acked-through";
+
+/// A broker source's topic as the ingest's write-ahead log (partition 0: broker sources have
+/// one partition), with the acknowledged-through marker file beside it.
+struct TopicIngestLog {
+    topic: Arc<Topic>,
+    /// `sources/<id>/rabbitmq-acked-through`: the offset in decimal.
+    marker: PathBuf,
+}
+
+fn to_topic_message(message: IngestMessage) -> Message {
+    Message {
+        key: None,
+        payload: message.payload,
+        headers: message.headers,
+    }
+}
+
+impl IngestLog for TopicIngestLog {
+    fn append(&self, messages: Vec<IngestMessage>) -> WeirResult<u64> {
+        let messages: Vec<Message> = messages.into_iter().map(to_topic_message).collect();
+        let published = self.topic.publish(&messages).map_err(queue::queue_error)?;
+        published
+            .last()
+            .map(|p| p.offset)
+            .ok_or_else(|| WeirError::internal("appended an empty batch"))
+    }
+
+    fn fits(&self, message: &IngestMessage) -> bool {
+        let size = message_bytes(&to_topic_message(message.clone()));
+        size <= u64::from(self.topic.config().message_bytes_max)
+    }
+
+    fn end_offset(&self) -> u64 {
+        self.topic.end_offset(0)
+    }
+
+    fn read(&self, from: u64, max: usize) -> WeirResult<Vec<(u64, IngestMessage)>> {
+        Ok(self
+            .topic
+            .read(0, from, max)
+            .map_err(queue::queue_error)?
+            .into_iter()
+            .map(|r| {
+                (
+                    r.offset,
+                    IngestMessage {
+                        payload: r.payload,
+                        headers: r.headers,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn acked_through(&self) -> WeirResult<Option<u64>> {
+        match std::fs::read_to_string(&self.marker) {
+            Ok(text) => match text.trim().parse() {
+                Ok(offset) => Ok(Some(offset)),
+                Err(_) => {
+                    // A marker torn by a power loss: check the whole log instead.
+                    tracing::warn!(path = %self.marker.display(), "unreadable acknowledged-through marker; ignoring it");
+                    Ok(None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(WeirError::io(self.marker.display(), e)),
+        }
+    }
+
+    fn set_acked_through(&self, offset: u64) -> WeirResult<()> {
+        let tmp = self.marker.with_extension("tmp");
+        std::fs::write(&tmp, offset.to_string()).map_err(|e| WeirError::io(tmp.display(), e))?;
+        std::fs::rename(&tmp, &self.marker).map_err(|e| WeirError::io(self.marker.display(), e))
+    }
 }
 
 /// A source as a relation: `SELECT` decodes its topic's retained history (bad messages are
@@ -446,6 +652,7 @@ impl TableProvider for SourceTable {
         input: Arc<dyn ExecutionPlan>,
         insert_op: InsertOp,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.source.refuse_writes().map_err(to_df)?;
         if insert_op != InsertOp::Append {
             return Err(to_df(WeirError::unsupported(
                 "sources are append-only",
@@ -503,6 +710,7 @@ pub(super) async fn publish_rows(
     source: &SourceHandle,
     batches: &[RecordBatch],
 ) -> WeirResult<u64> {
+    source.refuse_writes()?;
     let mut messages = Vec::new();
     for batch in batches {
         // Metadata columns come from the message, not its payload.

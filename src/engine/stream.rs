@@ -24,8 +24,10 @@ use crate::types::{SqlState, WeirError, WeirResult};
 
 use super::source::source_definition;
 pub(super) use super::source::{SourceHandle, open_source, publish_rows};
-use super::view::{PARALLELISM_MARK, build_dataflow, plan_view, start_view};
-pub(super) use super::view::{ViewHandle, default_parallelism, open_view, parse_parallelism};
+use super::view::{CHECKPOINT_MARK, PARALLELISM_MARK, build_dataflow, plan_view, start_view};
+pub(super) use super::view::{
+    ViewHandle, default_parallelism, open_view, parse_checkpoint_interval, parse_parallelism,
+};
 impl Weir {
     pub(super) fn lock_sources(
         &self,
@@ -108,17 +110,53 @@ impl Weir {
                 e.with_detail(format!("materialized view \"{}\"", view.relation.name))
             })?;
         }
+        for sink in self.open_sinks() {
+            sink.running
+                .flush()
+                .await
+                .map_err(|e| e.with_detail(format!("sink \"{}\"", sink.relation.name)))?;
+        }
+        Ok(())
+    }
+
+    /// `CHECKPOINT`: every view and sink takes a checkpoint now; returns when all are
+    /// durable (and sinks have committed them).
+    pub async fn checkpoint(&self) -> WeirResult<()> {
+        for view in self.open_views() {
+            view.running
+                .flush_handle()
+                .checkpoint()
+                .await
+                .map_err(|e| {
+                    e.with_detail(format!("materialized view \"{}\"", view.relation.name))
+                })?;
+        }
+        for sink in self.open_sinks() {
+            sink.running
+                .flush_handle()
+                .checkpoint()
+                .await
+                .map_err(|e| e.with_detail(format!("sink \"{}\"", sink.relation.name)))?;
+        }
         Ok(())
     }
 }
 
+/// The session settings streaming statements use.
+pub(super) struct StreamSettings {
+    /// `streaming_parallelism` for new views.
+    pub parallelism: usize,
+    /// `checkpoint_interval` for new views and sinks; `None`: the server's.
+    pub checkpoint_interval_ms: Option<u64>,
+}
+
 /// Runs one of the streaming statements.
-/// `parallelism`: the session's `streaming_parallelism` for new views.
 pub(super) async fn execute(
     weir: &Weir,
     statement: &WeirStatement,
-    parallelism: usize,
+    settings: &StreamSettings,
 ) -> WeirResult<Output> {
+    let parallelism = settings.parallelism;
     match statement {
         WeirStatement::CreateSource {
             name,
@@ -131,6 +169,7 @@ pub(super) async fn execute(
             }
             // Validate fully before anything durable changes.
             let def = source_definition(weir, statement).await?;
+            def.check_connector().await?; // a broker source connects once: fail here, not later
             if let Some(topic) = &def.topic_name
                 && !weir.topic_exists(topic)
             {
@@ -149,7 +188,7 @@ pub(super) async fn execute(
                 weir.inner
                     .catalog
                     .create(name, RelationKind::Source, statement.to_string())?;
-            if let Err(e) = open_source(weir, relation).await {
+            if let Err(e) = open_source(weir, relation, true).await {
                 let _ = weir.inner.catalog.drop_relation(name);
                 return Err(e);
             }
@@ -169,6 +208,7 @@ pub(super) async fn execute(
                 weir.deregister_relation(name);
                 weir.lock_sources().remove(name);
                 let _ = std::fs::remove_dir_all(weir.storage_dir("sources", relation.id));
+                let _ = std::fs::remove_dir_all(weir.storage_dir("checkpoints", relation.id));
             }
             Ok(command("DROP SOURCE"))
         }
@@ -193,11 +233,14 @@ pub(super) async fn execute(
             let (plan, depends_on) = plan_view(weir, query).await?;
             let dataflow = build_dataflow(weir, &plan, *emit_on_window_close, query, parallelism)?;
             // The parallelism is part of the definition, so a restart runs the view alike.
-            let relation = weir.inner.catalog.create(
-                name,
-                RelationKind::MaterializedView,
-                format!("{statement}{PARALLELISM_MARK}{parallelism}"),
-            )?;
+            let mut sql = format!("{statement}{PARALLELISM_MARK}{parallelism}");
+            if let Some(ms) = settings.checkpoint_interval_ms {
+                sql.push_str(&format!("{CHECKPOINT_MARK}{ms}"));
+            }
+            let relation = weir
+                .inner
+                .catalog
+                .create(name, RelationKind::MaterializedView, sql)?;
             if let Err(e) = start_view(
                 weir,
                 relation,
@@ -239,6 +282,22 @@ pub(super) async fn execute(
         WeirStatement::Flush => {
             weir.flush().await?;
             Ok(command("FLUSH"))
+        }
+        WeirStatement::Checkpoint => {
+            weir.checkpoint().await?;
+            Ok(command("CHECKPOINT"))
+        }
+        WeirStatement::CreateSink { .. } => {
+            let _ddl = weir.inner.ddl.lock().await;
+            super::sink::create_sink(weir, statement, settings.checkpoint_interval_ms).await?;
+            Ok(command("CREATE SINK"))
+        }
+        WeirStatement::DropSink { name, if_exists } => {
+            let _ddl = weir.inner.ddl.lock().await;
+            if exists_as(weir, name, RelationKind::Sink, *if_exists)? {
+                super::sink::drop_sink(weir, name)?;
+            }
+            Ok(command("DROP SINK"))
         }
         _ => Err(WeirError::internal("not a streaming statement")),
     }
@@ -305,19 +364,34 @@ fn dependants_of(weir: &Weir, name: &str) -> Vec<String> {
     found
 }
 
-/// 2BP01 when views read `name`, unless `cascade`, which drops them (dependants first).
+/// 2BP01 when views or sinks read `name`, unless `cascade`, which drops them (dependants
+/// first).
 fn drop_dependants(weir: &Weir, name: &str, cascade: bool, kind: &str) -> WeirResult<()> {
     let dependants = dependants_of(weir, name);
-    if dependants.is_empty() {
+    let mut sinks = super::sink::sinks_of(weir, name);
+    for view in &dependants {
+        sinks.extend(super::sink::sinks_of(weir, view));
+    }
+    if dependants.is_empty() && sinks.is_empty() {
         return Ok(());
     }
     if !cascade {
+        let mut detail = Vec::new();
+        if !dependants.is_empty() {
+            detail.push(format!("materialized views: {}", dependants.join(", ")));
+        }
+        if !sinks.is_empty() {
+            detail.push(format!("sinks: {}", sinks.join(", ")));
+        }
         return Err(WeirError::new(
             SqlState("2BP01"),
             format!("cannot drop {kind} \"{name}\" because other objects depend on it"),
         )
-        .with_detail(format!("materialized views: {}", dependants.join(", ")))
-        .with_hint("drop the views first, or use DROP ... CASCADE to drop them too"));
+        .with_detail(detail.join("; "))
+        .with_hint("drop them first, or use DROP ... CASCADE to drop them too"));
+    }
+    for sink in &sinks {
+        super::sink::drop_sink(weir, sink)?;
     }
     for view in dependants.iter().rev() {
         drop_view(weir, view)?;
@@ -326,6 +400,9 @@ fn drop_dependants(weir: &Weir, name: &str, cascade: bool, kind: &str) -> WeirRe
 }
 
 fn drop_view(weir: &Weir, name: &str) -> WeirResult<()> {
+    if let Some(relation) = weir.inner.catalog.get(name) {
+        let _ = std::fs::remove_dir_all(weir.storage_dir("checkpoints", relation.id));
+    }
     weir.inner.catalog.drop_relation(name)?;
     weir.deregister_relation(name);
     // Dropping the handle stops the dataflow.

@@ -20,6 +20,7 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::{Inner, Weir};
+use crate::connector::rabbitmq::IngestSnapshot;
 use crate::queue::subscription::SubscriptionMode;
 
 /// One topic partition's figures.
@@ -115,6 +116,8 @@ impl Weir {
             SystemKind::LateRows,
             SystemKind::DeadLetters,
             SystemKind::MaterializedViews,
+            SystemKind::Sinks,
+            SystemKind::Checkpoints,
         ] {
             let table = SystemTable {
                 kind,
@@ -137,6 +140,8 @@ enum SystemKind {
     LateRows,
     DeadLetters,
     MaterializedViews,
+    Sinks,
+    Checkpoints,
 }
 
 impl SystemKind {
@@ -149,6 +154,8 @@ impl SystemKind {
             SystemKind::LateRows => "weir_late_rows",
             SystemKind::DeadLetters => "weir_dead_letters",
             SystemKind::MaterializedViews => "weir_materialized_views",
+            SystemKind::Sinks => "weir_sinks",
+            SystemKind::Checkpoints => "weir_checkpoints",
         }
     }
 
@@ -178,6 +185,16 @@ impl SystemKind {
                 Field::new("format", DataType::Utf8, false),
                 Field::new("watermark", DataType::Utf8, true),
                 Field::new("delivery", DataType::Utf8, false),
+                // The ingest of a broker source (`running` for the others) and its counters
+                // (NULL for sources Weir writes itself).
+                Field::new("status", DataType::Utf8, false),
+                Field::new("last_error", DataType::Utf8, true),
+                Field::new("received", DataType::Int64, true),
+                Field::new("appended", DataType::Int64, true),
+                Field::new("acked", DataType::Int64, true),
+                Field::new("duplicates", DataType::Int64, true),
+                Field::new("rejected", DataType::Int64, true),
+                Field::new("reconnects", DataType::Int64, true),
             ],
             SystemKind::SourceStats => vec![
                 Field::new("source", DataType::Utf8, false),
@@ -207,6 +224,29 @@ impl SystemKind {
                 Field::new("status", DataType::Utf8, false),
                 Field::new("definition", DataType::Utf8, false),
             ],
+            SystemKind::Sinks => vec![
+                Field::new("sink", DataType::Utf8, false),
+                Field::new("from_view", DataType::Utf8, false),
+                Field::new("connector", DataType::Utf8, false),
+                Field::new("target", DataType::Utf8, false),
+                Field::new("rows", DataType::Int64, false),
+                Field::new("status", DataType::Utf8, false),
+                Field::new("delivery", DataType::Utf8, false),
+                Field::new("last_epoch", DataType::Int64, true),
+            ],
+            SystemKind::Checkpoints => vec![
+                Field::new("dataflow", DataType::Utf8, false),
+                Field::new("kind", DataType::Utf8, false),
+                Field::new("epoch", DataType::Int64, false),
+                Field::new(
+                    "taken_at",
+                    DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None),
+                    false,
+                ),
+                Field::new("duration_ms", DataType::Int64, false),
+                Field::new("bytes", DataType::Int64, false),
+                Field::new("restored", DataType::Boolean, false),
+            ],
         };
         Arc::new(Schema::new(fields))
     }
@@ -215,6 +255,12 @@ impl SystemKind {
         match self {
             SystemKind::Sources => {
                 let s = weir.open_sources();
+                let ingest: Vec<_> = s.iter().map(|s| s.ingest_status()).collect();
+                let counter = |rows: &[Option<IngestSnapshot>], f: fn(&IngestSnapshot) -> u64| {
+                    Arc::new(Int64Array::from_iter(
+                        rows.iter().map(|i| i.as_ref().map(|i| f(i) as i64)),
+                    )) as ArrayRef
+                };
                 vec![
                     strings(s.iter().map(|s| s.relation.name.clone())),
                     strings(s.iter().map(|s| s.origin())),
@@ -223,6 +269,18 @@ impl SystemKind {
                         s.iter().map(|s| s.watermark_text.clone()),
                     )),
                     strings(s.iter().map(|s| s.delivery().to_string())),
+                    strings(s.iter().map(|s| s.status())),
+                    Arc::new(StringArray::from_iter(
+                        ingest
+                            .iter()
+                            .map(|i| i.as_ref().and_then(|i| i.last_error.clone())),
+                    )),
+                    counter(&ingest, |i| i.received),
+                    counter(&ingest, |i| i.appended),
+                    counter(&ingest, |i| i.acked),
+                    counter(&ingest, |i| i.duplicates),
+                    counter(&ingest, |i| i.rejected),
+                    counter(&ingest, |i| i.reconnects),
                 ]
             }
             SystemKind::SourceStats => {
@@ -315,6 +373,72 @@ impl SystemKind {
                         Some(e) => format!("stopped: {e}"),
                     })),
                     strings(v.iter().map(|v| v.relation.sql.clone())),
+                ]
+            }
+            SystemKind::Sinks => {
+                let s = weir.open_sinks();
+                let progress: Vec<_> = s
+                    .iter()
+                    .map(|s| s.progress.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                    .collect();
+                let history: Vec<_> = s
+                    .iter()
+                    .map(|s| s.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                    .collect();
+                vec![
+                    strings(s.iter().map(|s| s.relation.name.clone())),
+                    strings(s.iter().map(|s| s.from.clone())),
+                    strings(s.iter().map(|s| s.connector.clone())),
+                    strings(s.iter().map(|s| s.target.clone())),
+                    Arc::new(Int64Array::from_iter_values(
+                        progress.iter().map(|p| p.rows as i64),
+                    )),
+                    strings(progress.iter().zip(&history).map(|(p, h)| {
+                        match (&p.error, &h.last_error) {
+                            (Some(e), _) => format!("stopped: {e}"),
+                            (None, Some(e)) => format!("running; {e}"),
+                            (None, None) => "running".to_string(),
+                        }
+                    })),
+                    strings(s.iter().map(|s| s.delivery.to_string())),
+                    Arc::new(Int64Array::from(
+                        history
+                            .iter()
+                            .map(|h| h.recent.back().map(|m| m.epoch as i64))
+                            .collect::<Vec<_>>(),
+                    )),
+                ]
+            }
+            SystemKind::Checkpoints => {
+                let mut rows: Vec<(String, &'static str, crate::state::Manifest, bool)> =
+                    Vec::new();
+                let mut add = |name: &str, kind: &'static str, h: &crate::stream::CheckpointHistory| {
+                    for m in &h.recent {
+                        rows.push((name.to_string(), kind, m.clone(), h.restored_epoch == Some(m.epoch)));
+                    }
+                };
+                for v in weir.open_views() {
+                    let h = v.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    add(&v.relation.name, "materialized view", &h);
+                }
+                for s in weir.open_sinks() {
+                    let h = s.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    add(&s.relation.name, "sink", &h);
+                }
+                vec![
+                    strings(rows.iter().map(|r| r.0.clone())),
+                    strings(rows.iter().map(|r| r.1.to_string())),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2.epoch as i64))),
+                    Arc::new(TimestampNanosecondArray::from_iter_values(
+                        rows.iter().map(|r| r.2.taken_at_ms.saturating_mul(1_000_000)),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|r| r.2.duration_ms as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2.bytes as i64))),
+                    Arc::new(arrow::array::BooleanArray::from(
+                        rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+                    )),
                 ]
             }
             SystemKind::Topics => {

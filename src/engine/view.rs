@@ -26,7 +26,10 @@ use crate::plan::stream::{Resolved, StreamCatalog, compile};
 use crate::plan::window::WindowTable;
 use crate::sql::WeirStatement;
 use crate::state::ZSetState;
-use crate::stream::{DataflowBuilder, Progress, RunningDataflow, ViewOutput};
+use crate::state::CheckpointStore;
+use crate::stream::{
+    CheckpointHistory, Checkpointing, DataflowBuilder, Progress, RunningDataflow, ViewOutput,
+};
 use crate::types::{SqlState, WeirError, WeirResult};
 
 /// An open materialized view.
@@ -39,6 +42,8 @@ pub struct ViewHandle {
     /// Relations its query reads (sources, tables, views).
     pub depends_on: BTreeSet<String>,
     pub output: ViewOutput,
+    /// Its checkpoints, for `weir_checkpoints`.
+    pub checkpoints: Arc<Mutex<CheckpointHistory>>,
     /// Dropping this stops the view's dataflow.
     pub(super) running: RunningDataflow,
 }
@@ -155,6 +160,68 @@ pub(super) fn build_dataflow(
 /// text stays a valid statement).
 pub(super) const PARALLELISM_MARK: &str = "\n-- weir: streaming_parallelism = ";
 
+/// Ends a view's or sink's stored definition with the checkpoint interval it was created with
+/// (`SET checkpoint_interval`), in milliseconds.
+pub(super) const CHECKPOINT_MARK: &str = "\n-- weir: checkpoint_interval_ms = ";
+
+/// The checkpoint interval a stored definition asks for, or the server's.
+pub(super) fn checkpoint_interval(weir: &Weir, sql: &str) -> std::time::Duration {
+    sql.split(CHECKPOINT_MARK)
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map_or(weir.inner.config.checkpoint_interval, |ms| {
+            std::time::Duration::from_millis(ms.max(1))
+        })
+}
+
+/// The parallelism a stored definition was created with.
+pub(super) fn stored_parallelism(sql: &str) -> usize {
+    sql.split(PARALLELISM_MARK)
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(default_parallelism)
+}
+
+/// A definition without the trailing settings marks.
+pub(super) fn strip_marks(sql: &str) -> &str {
+    let end = [PARALLELISM_MARK, CHECKPOINT_MARK]
+        .iter()
+        .filter_map(|m| sql.find(m))
+        .min()
+        .unwrap_or(sql.len());
+    &sql[..end]
+}
+
+/// Where a dataflow's checkpoints live and how often it takes them.
+pub(super) fn checkpointing(
+    weir: &Weir,
+    relation: &Relation,
+    fingerprint: String,
+) -> (Checkpointing, Arc<Mutex<CheckpointHistory>>) {
+    let history = Arc::new(Mutex::new(CheckpointHistory::default()));
+    let checkpointing = Checkpointing {
+        store: CheckpointStore::new(weir.storage_dir("checkpoints", relation.id)),
+        interval: checkpoint_interval(weir, &relation.sql),
+        fingerprint: format!("weir {}\n{fingerprint}", env!("CARGO_PKG_VERSION")),
+        history: history.clone(),
+    };
+    (checkpointing, history)
+}
+
+/// `SET checkpoint_interval` values: a duration from 10 ms to a day.
+pub(super) fn parse_checkpoint_interval(value: &str) -> WeirResult<u64> {
+    match crate::sql::parse_duration_ms(value.trim().trim_matches('\'')) {
+        Ok(ms) if (10..=86_400_000).contains(&ms) => Ok(ms),
+        _ => Err(WeirError::new(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("invalid value for checkpoint_interval: \"{value}\""),
+        )
+        .with_hint("use a duration from 10ms to 1 day, e.g. '10s', '500ms' or '1min'")),
+    }
+}
+
 /// The default `streaming_parallelism`: the machine's cores.
 pub(super) fn default_parallelism() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -187,7 +254,10 @@ pub(super) fn start_view(
         state: Arc::new(Mutex::new(state)),
         progress: Arc::new(Mutex::new(Progress::default())),
     };
-    let running = dataflow.start(&relation.name, output.clone())?;
+    let (checkpointing, checkpoints) = checkpointing(weir, &relation, relation.sql.clone());
+    let running = dataflow
+        .with_checkpoints(checkpointing)
+        .start(&relation.name, output.clone())?;
     let handle = Arc::new(ViewHandle {
         relation: relation.clone(),
         schema,
@@ -195,6 +265,7 @@ pub(super) fn start_view(
         emit_on_window_close,
         depends_on,
         output,
+        checkpoints,
         running,
     });
     weir.register_relation(
@@ -228,15 +299,8 @@ pub(super) async fn open_view(weir: &Weir, relation: Relation) -> WeirResult<()>
             "view definition is not CREATE MATERIALIZED VIEW",
         ));
     };
-    let parallelism = relation
-        .sql
-        .rsplit_once(PARALLELISM_MARK)
-        .and_then(|(_, n)| n.trim().parse().ok())
-        .unwrap_or_else(default_parallelism);
-    let query = match query.rsplit_once(PARALLELISM_MARK) {
-        Some((q, _)) => q.to_string(),
-        None => query,
-    };
+    let parallelism = stored_parallelism(&relation.sql);
+    let query = strip_marks(&query).to_string();
     let (plan, depends_on) = plan_view(weir, &query).await?;
     let dataflow = build_dataflow(weir, &plan, emit_on_window_close, &query, parallelism)?;
     start_view(

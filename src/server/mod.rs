@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub pg_addr: String,
     pub http_addr: String,
     pub data_dir: PathBuf,
+    /// The default checkpoint interval of views and sinks.
+    pub checkpoint_interval: Duration,
 }
 
 /// How long a shutdown waits for in-flight statements before closing anyway.
@@ -67,7 +69,9 @@ impl RunningServer {
     pub async fn start(config: ServerConfig) -> WeirResult<RunningServer> {
         let pg_listener = bind(&config.pg_addr, "pg").await?;
         let http_listener = bind(&config.http_addr, "http").await?;
-        let weir = Weir::open(WeirConfig::new(&config.data_dir)).await?;
+        let mut weir_config = WeirConfig::new(&config.data_dir);
+        weir_config.checkpoint_interval = config.checkpoint_interval;
+        let weir = Weir::open(weir_config).await?;
         let local = |l: &TcpListener| {
             l.local_addr()
                 .map_err(|e| WeirError::io("reading listener address", e))

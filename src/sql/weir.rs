@@ -90,6 +90,22 @@ pub enum WeirStatement {
         cascade: bool,
     },
     ShowSources,
+    /// `CREATE SINK name FROM view WITH (...) [FORMAT JSON|CSV]`.
+    CreateSink {
+        name: String,
+        if_not_exists: bool,
+        from: String,
+        options: Options,
+        /// `JSON` or `CSV` for topic sinks, upper-cased; `None` when not written.
+        format: Option<String>,
+    },
+    DropSink {
+        name: String,
+        if_exists: bool,
+    },
+    ShowSinks,
+    /// `CHECKPOINT`: every dataflow takes a checkpoint now.
+    Checkpoint,
     /// `CREATE MATERIALIZED VIEW name AS query [EMIT ON WINDOW CLOSE]`.
     CreateMaterializedView {
         name: String,
@@ -243,6 +259,33 @@ impl fmt::Display for WeirStatement {
                 cascade,
             } => write!(f, "{}", drop_text("SOURCE", name, *if_exists, *cascade)),
             WeirStatement::ShowSources => write!(f, "SHOW SOURCES"),
+            WeirStatement::CreateSink {
+                name,
+                if_not_exists,
+                from,
+                options,
+                format,
+            } => {
+                let ine = if *if_not_exists { "IF NOT EXISTS " } else { "" };
+                write!(f, "CREATE SINK {ine}{name} FROM {from}")?;
+                if !options.is_empty() {
+                    let items: Vec<String> = options
+                        .iter()
+                        .map(|(k, v)| format!("{k} = '{}'", v.replace('\'', "''")))
+                        .collect();
+                    write!(f, " WITH ({})", items.join(", "))?;
+                }
+                if let Some(format) = format {
+                    write!(f, " FORMAT {format}")?;
+                }
+                Ok(())
+            }
+            WeirStatement::DropSink { name, if_exists } => {
+                let ie = if *if_exists { "IF EXISTS " } else { "" };
+                write!(f, "DROP SINK {ie}{name}")
+            }
+            WeirStatement::ShowSinks => write!(f, "SHOW SINKS"),
+            WeirStatement::Checkpoint => write!(f, "CHECKPOINT"),
             WeirStatement::CreateMaterializedView {
                 name,
                 if_not_exists,
@@ -314,8 +357,9 @@ pub fn is_weir_statement(text: &str) -> bool {
             | ("ACK" | "NACK" | "SEEK", "SUBSCRIPTION")
             | ("COMMIT", "SUBSCRIPTION")
             | ("CREATE" | "DROP", "SOURCE" | "MATERIALIZED")
-            | ("SHOW", "SOURCES" | "MATERIALIZED")
-            | ("FLUSH", "")
+            | ("SHOW", "SOURCES" | "MATERIALIZED" | "SINKS")
+            | ("CREATE" | "DROP", "SINK")
+            | ("FLUSH" | "CHECKPOINT", "")
     ) || (w(0) == "FETCH" && (w(2) == "SUBSCRIPTION" || w(3) == "SUBSCRIPTION"))
         || (w(0) == "EXPLAIN" && w(1) == "CREATE" && w(2) == "MATERIALIZED")
 }
@@ -644,9 +688,31 @@ impl Cursor {
         if self.eat("FLUSH") {
             return Ok(WeirStatement::Flush);
         }
+        if self.eat("CHECKPOINT") {
+            return Ok(WeirStatement::Checkpoint);
+        }
         if self.eat("CREATE") {
             if self.eat("SOURCE") {
                 return self.create_source();
+            }
+            if self.eat("SINK") {
+                let if_not_exists = self.if_not_exists()?;
+                let name = self.name()?;
+                self.expect("FROM")?;
+                let from = self.name()?;
+                let options = self.with_options()?;
+                let format = if self.eat("FORMAT") {
+                    Some(self.name()?.to_ascii_uppercase())
+                } else {
+                    None
+                };
+                return Ok(WeirStatement::CreateSink {
+                    name,
+                    if_not_exists,
+                    from,
+                    options,
+                    format,
+                });
             }
             if self.eat("TOPIC") {
                 let if_not_exists = self.if_not_exists()?;
@@ -673,6 +739,13 @@ impl Cursor {
             });
         }
         if self.eat("DROP") {
+            if self.eat("SINK") {
+                let if_exists = self.if_exists()?;
+                return Ok(WeirStatement::DropSink {
+                    if_exists,
+                    name: self.name()?,
+                });
+            }
             if self.eat("SOURCE") {
                 let (if_exists, name, cascade) = self.drop_target()?;
                 return Ok(WeirStatement::DropSource {
@@ -714,6 +787,9 @@ impl Cursor {
         if self.eat("SHOW") {
             if self.eat("SOURCES") {
                 return Ok(WeirStatement::ShowSources);
+            }
+            if self.eat("SINKS") {
+                return Ok(WeirStatement::ShowSinks);
             }
             if self.eat("MATERIALIZED") {
                 self.expect("VIEWS")?;

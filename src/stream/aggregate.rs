@@ -35,6 +35,7 @@ use datafusion::scalar::ScalarValue;
 
 use super::project::eval_error;
 use super::{EventTime, NO_WATERMARK, Operator};
+use crate::state::{SnapshotReader, SnapshotWriter};
 use crate::types::{ChangeBatch, WeirError, WeirResult};
 
 /// An aggregate function with its optional `FILTER (WHERE ...)`.
@@ -596,4 +597,278 @@ impl Operator for AggregateOperator {
         }
         Ok(Some(watermark))
     }
+
+    fn snapshot(&mut self, out: &mut SnapshotWriter) -> WeirResult<()> {
+        out.i64(self.watermark);
+        match self.snapshot_groups()? {
+            Some(batch) => {
+                out.u64(1);
+                out.batch(&batch)
+            }
+            None => {
+                out.u64(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        self.watermark = from.i64()?;
+        if from.u64()? == 1 {
+            let batch = from.batch()?;
+            self.restore_groups(&batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoint encoding of the groups: one batch with the key columns, the row count, the
+/// window end, what was emitted, and each aggregate's state (its accumulator's `state()`
+/// fields, or the recompute multiset as bytes).
+impl AggregateOperator {
+    fn snapshot_groups(&mut self) -> WeirResult<Option<RecordBatch>> {
+        let slots: Vec<usize> = (0..self.groups.len())
+            .filter(|&s| self.groups[s].is_some())
+            .collect();
+        if slots.is_empty() {
+            return Ok(None);
+        }
+        let internal = |e: arrow::error::ArrowError| WeirError::internal(format!("snapshot: {e}"));
+        let n_keys = self.group_exprs.len();
+        let mut fields = Vec::new();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        let groups: Vec<&Group> = slots
+            .iter()
+            .filter_map(|&s| self.groups[s].as_ref())
+            .collect();
+        for k in 0..n_keys {
+            let array =
+                ScalarValue::iter_to_array(groups.iter().map(|g| g.key[k].clone())).map_err(eval_error)?;
+            fields.push(arrow::datatypes::Field::new(format!("k{k}"), array.data_type().clone(), true));
+            columns.push(array);
+        }
+        let counts: ArrayRef = Arc::new(arrow::array::Int64Array::from_iter_values(
+            groups.iter().map(|g| g.count),
+        ));
+        let ends: ArrayRef = Arc::new(arrow::array::Int64Array::from(
+            groups.iter().map(|g| g.window_end).collect::<Vec<_>>(),
+        ));
+        let emitted_flags: ArrayRef = Arc::new(arrow::array::BooleanArray::from(
+            groups.iter().map(|g| g.emitted.is_some()).collect::<Vec<_>>(),
+        ));
+        for (name, array) in [("count", counts), ("window_end", ends), ("emitted", emitted_flags)] {
+            fields.push(arrow::datatypes::Field::new(name, array.data_type().clone(), true));
+            columns.push(array);
+        }
+        for a in 0..self.aggs.len() {
+            let data_type = groups
+                .iter()
+                .find_map(|g| g.emitted.as_ref().map(|e| e[a].data_type()))
+                .unwrap_or_else(|| self.schema.field(n_keys + a).data_type().clone());
+            let null = ScalarValue::try_from(&data_type).map_err(eval_error)?;
+            let array = ScalarValue::iter_to_array(groups.iter().map(|g| {
+                g.emitted.as_ref().map_or_else(|| null.clone(), |e| e[a].clone())
+            }))
+            .map_err(eval_error)?;
+            fields.push(arrow::datatypes::Field::new(format!("e{a}"), array.data_type().clone(), true));
+            columns.push(array);
+        }
+        let mut groups: Vec<Group> = slots
+            .iter()
+            .filter_map(|&s| self.groups[s].take())
+            .collect();
+        let result = (|| -> WeirResult<()> {
+            for a in 0..self.aggs.len() {
+                if self.aggs[a].kind == AccKind::Recompute {
+                    let mut builder = arrow::array::BinaryBuilder::new();
+                    for g in &groups {
+                        let mut bytes = Vec::new();
+                        for (value, n) in &g.values[a] {
+                            bytes.extend_from_slice(&(value.len() as u64).to_le_bytes());
+                            bytes.extend_from_slice(value);
+                            bytes.extend_from_slice(&n.to_le_bytes());
+                        }
+                        builder.append_value(&bytes);
+                    }
+                    let array: ArrayRef = Arc::new(builder.finish());
+                    fields.push(arrow::datatypes::Field::new(format!("v{a}"), array.data_type().clone(), true));
+                    columns.push(array);
+                    continue;
+                }
+                let mut states: Vec<Vec<ScalarValue>> = Vec::with_capacity(groups.len());
+                for g in &mut groups {
+                    let acc = g.accs[a]
+                        .as_mut()
+                        .ok_or_else(|| WeirError::internal("aggregate without accumulator"))?;
+                    let state = acc.state().map_err(eval_error)?;
+                    // `state()` may leave some accumulators unusable: continue from a
+                    // fresh one merged from the state, as recovery will.
+                    let mut fresh = match self.aggs[a].kind {
+                        AccKind::Retract => self.aggs[a].expr.create_sliding_accumulator(),
+                        _ => self.aggs[a].expr.create_accumulator(),
+                    }
+                    .map_err(eval_error)?;
+                    let arrays = state
+                        .iter()
+                        .map(|v| v.to_array())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(eval_error)?;
+                    fresh.merge_batch(&arrays).map_err(eval_error)?;
+                    *acc = fresh;
+                    states.push(state);
+                }
+                let width = states.first().map_or(0, |s| s.len());
+                for f in 0..width {
+                    let array = ScalarValue::iter_to_array(states.iter().map(|s| s[f].clone()))
+                        .map_err(eval_error)?;
+                    fields.push(arrow::datatypes::Field::new(format!("s{a}_{f}"), array.data_type().clone(), true));
+                    columns.push(array);
+                }
+            }
+            Ok(())
+        })();
+        for (slot, g) in slots.iter().zip(groups) {
+            self.groups[*slot] = Some(g);
+        }
+        result?;
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+        RecordBatch::try_new(schema, columns).map(Some).map_err(internal)
+    }
+
+    fn restore_groups(&mut self, batch: &RecordBatch) -> WeirResult<()> {
+        let n_keys = self.group_exprs.len();
+        let n = batch.num_rows();
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| WeirError::internal(format!("aggregate snapshot lacks {name}")))
+        };
+        let key_arrays: Vec<ArrayRef> = (0..n_keys)
+            .map(|k| column(&format!("k{k}")))
+            .collect::<WeirResult<_>>()?;
+        let encoded = if n_keys == 0 {
+            None
+        } else {
+            Some(
+                self.key_converter
+                    .convert_columns(&key_arrays)
+                    .map_err(|e| WeirError::internal(format!("group key: {e}")))?,
+            )
+        };
+        let counts = column("count")?;
+        let counts = counts
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .ok_or_else(|| WeirError::internal("aggregate snapshot counts"))?
+            .clone();
+        let ends = column("window_end")?;
+        let ends = ends
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .ok_or_else(|| WeirError::internal("aggregate snapshot window ends"))?
+            .clone();
+        let flags = column("emitted")?;
+        let flags = flags
+            .as_any()
+            .downcast_ref::<arrow::array::BooleanArray>()
+            .ok_or_else(|| WeirError::internal("aggregate snapshot flags"))?
+            .clone();
+        let emitted: Vec<ArrayRef> = (0..self.aggs.len())
+            .map(|a| column(&format!("e{a}")))
+            .collect::<WeirResult<_>>()?;
+        let mut state_columns: Vec<Vec<ArrayRef>> = Vec::with_capacity(self.aggs.len());
+        for a in 0..self.aggs.len() {
+            let prefix = format!("s{a}_");
+            state_columns.push(
+                batch
+                    .schema()
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.name().starts_with(&prefix))
+                    .map(|(i, _)| batch.column(i).clone())
+                    .collect(),
+            );
+        }
+        self.groups.clear();
+        self.index.clear();
+        self.free.clear();
+        self.closing.clear();
+        for row in 0..n {
+            let key = key_arrays
+                .iter()
+                .map(|a| ScalarValue::try_from_array(a, row))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(eval_error)?;
+            let encoded: Box<[u8]> = match &encoded {
+                Some(rows) => rows.row(row).as_ref().into(),
+                None => Box::from(&[][..]),
+            };
+            let mut accs = self.new_accumulators()?;
+            let mut values = vec![BTreeMap::new(); self.aggs.len()];
+            for a in 0..self.aggs.len() {
+                match &mut accs[a] {
+                    Some(acc) => {
+                        let slice: Vec<ArrayRef> =
+                            state_columns[a].iter().map(|c| c.slice(row, 1)).collect();
+                        acc.merge_batch(&slice).map_err(eval_error)?;
+                    }
+                    None => {
+                        let bytes = column(&format!("v{a}"))?;
+                        let bytes = bytes
+                            .as_any()
+                            .downcast_ref::<arrow::array::BinaryArray>()
+                            .ok_or_else(|| WeirError::internal("aggregate snapshot values"))?
+                            .value(row)
+                            .to_vec();
+                        values[a] = decode_multiset(&bytes)?;
+                    }
+                }
+            }
+            let emitted = if flags.value(row) {
+                Some(
+                    emitted
+                        .iter()
+                        .map(|e| ScalarValue::try_from_array(e, row))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(eval_error)?,
+                )
+            } else {
+                None
+            };
+            let window_end = (!ends.is_null(row)).then(|| ends.value(row));
+            let slot = self.groups.len();
+            self.groups.push(Some(Group {
+                key,
+                encoded: encoded.clone(),
+                count: counts.value(row),
+                accs,
+                values,
+                emitted,
+                window_end,
+                dirty: false,
+            }));
+            self.index.insert(encoded, slot);
+            if let Some(end) = window_end {
+                self.closing.entry(end).or_default().push(slot);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn decode_multiset(mut bytes: &[u8]) -> WeirResult<BTreeMap<Vec<u8>, i64>> {
+    let bad = || WeirError::internal("aggregate snapshot: bad value multiset");
+    let mut map = BTreeMap::new();
+    while !bytes.is_empty() {
+        let (len, rest) = bytes.split_at_checked(8).ok_or_else(bad)?;
+        let len = usize::try_from(u64::from_le_bytes(len.try_into().map_err(|_| bad())?))
+            .map_err(|_| bad())?;
+        let (value, rest) = rest.split_at_checked(len).ok_or_else(bad)?;
+        let (n, rest) = rest.split_at_checked(8).ok_or_else(bad)?;
+        map.insert(value.to_vec(), i64::from_le_bytes(n.try_into().map_err(|_| bad())?));
+        bytes = rest;
+    }
+    Ok(map)
 }

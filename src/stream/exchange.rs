@@ -18,15 +18,19 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use super::project::eval_error;
 use super::{EventTime, Operator};
+use crate::state::{SnapshotReader, SnapshotWriter};
 use crate::types::{ChangeBatch, WeirError, WeirResult};
 
 enum Job {
     Start,
     Batch(ChangeBatch),
     Watermark(EventTime),
+    Snapshot,
+    Restore(Vec<u8>),
 }
 
-type Reply = WeirResult<(Vec<ChangeBatch>, Option<EventTime>)>;
+/// Output batches, the watermark passed on, and a snapshot's bytes (`Job::Snapshot` only).
+type Reply = WeirResult<(Vec<ChangeBatch>, Option<EventTime>, Vec<u8>)>;
 
 struct Worker {
     /// Jobs for the worker; dropping it ends the worker's loop.
@@ -68,12 +72,23 @@ impl ExchangeOperator {
                 .spawn(move || {
                     while let Ok(job) = job_rx.recv() {
                         let mut out = Vec::new();
+                        let mut state = Vec::new();
                         let result = match job {
                             Job::Start => op.on_start(&mut out).map(|_| None),
                             Job::Batch(b) => op.on_batch(0, b, &mut out).map(|_| None),
                             Job::Watermark(w) => op.on_watermark(0, w, &mut out),
+                            Job::Snapshot => {
+                                let mut w = SnapshotWriter::new();
+                                let r = op.snapshot(&mut w);
+                                state = w.finish();
+                                r.map(|_| None)
+                            }
+                            Job::Restore(bytes) => {
+                                let mut r = SnapshotReader::new(&bytes);
+                                op.restore(&mut r).map(|_| None)
+                            }
                         };
-                        if reply_tx.send(result.map(|w| (out, w))).is_err() {
+                        if reply_tx.send(result.map(|w| (out, w, state))).is_err() {
                             break;
                         }
                     }
@@ -102,6 +117,16 @@ impl ExchangeOperator {
         jobs: Vec<Option<Job>>,
         out: &mut Vec<ChangeBatch>,
     ) -> WeirResult<Option<EventTime>> {
+        self.round_with_state(jobs, out).map(|(w, _)| w)
+    }
+
+    /// [`Self::round`], also returning each worker's snapshot bytes.
+    fn round_with_state(
+        &mut self,
+        jobs: Vec<Option<Job>>,
+        out: &mut Vec<ChangeBatch>,
+    ) -> WeirResult<(Option<EventTime>, Vec<Vec<u8>>)> {
+        let mut states = Vec::with_capacity(jobs.len());
         let mut sent = Vec::with_capacity(jobs.len());
         for (worker, job) in self.workers.iter().zip(jobs) {
             let has = job.is_some();
@@ -113,15 +138,17 @@ impl ExchangeOperator {
         let mut watermark: Option<EventTime> = None;
         for (worker, has) in self.workers.iter().zip(sent) {
             if !has {
+                states.push(Vec::new());
                 continue;
             }
-            let (batches, w) = worker.replies.recv().map_err(|_| Self::gone())??;
+            let (batches, w, state) = worker.replies.recv().map_err(|_| Self::gone())??;
             out.extend(batches);
+            states.push(state);
             if let Some(w) = w {
                 watermark = Some(watermark.map_or(w, |m| m.min(w)));
             }
         }
-        Ok(watermark)
+        Ok((watermark, states))
     }
 }
 
@@ -188,5 +215,30 @@ impl Operator for ExchangeOperator {
             .map(|_| Some(Job::Watermark(watermark)))
             .collect();
         self.round(jobs, out)
+    }
+
+    fn snapshot(&mut self, out: &mut SnapshotWriter) -> WeirResult<()> {
+        let jobs = self.workers.iter().map(|_| Some(Job::Snapshot)).collect();
+        let (_, states) = self.round_with_state(jobs, &mut Vec::new())?;
+        out.u64(states.len() as u64);
+        for state in states {
+            out.bytes(&state);
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        let n = from.u64()? as usize;
+        if n != self.workers.len() {
+            return Err(WeirError::internal(format!(
+                "checkpoint has {n} instances, the exchange {}",
+                self.workers.len()
+            )));
+        }
+        let jobs = (0..n)
+            .map(|_| from.bytes().map(|b| Some(Job::Restore(b.to_vec()))))
+            .collect::<WeirResult<Vec<_>>>()?;
+        self.round(jobs, &mut Vec::new())?;
+        Ok(())
     }
 }

@@ -33,7 +33,8 @@ pub use exchange::ExchangeOperator;
 pub use project::{FilterOperator, ProjectOperator};
 pub(crate) use runtime::filter_change;
 pub use runtime::{
-    Control, Dataflow, DataflowBuilder, Endpoint, NodeId, Progress, RunningDataflow, ViewOutput,
+    CHECKPOINT_HISTORY, CheckpointHistory, Checkpointing, Control, Dataflow, DataflowBuilder,
+    Endpoint, FlushHandle, NodeId, Output, Progress, RunningDataflow, ViewOutput,
 };
 pub use session::{SessionOperator, assign_sessions};
 pub use source::{DeadLetter, LateRow, SourceStats, WatermarkSpec};
@@ -42,6 +43,7 @@ pub use union::UnionOperator;
 pub use window::{WindowKind, WindowOperator};
 pub use window_aggregate::WindowAggregateOperator;
 
+use crate::state::{SnapshotReader, SnapshotWriter};
 use crate::types::{ChangeBatch, WeirResult};
 
 /// Event time and watermarks are nanoseconds since the Unix epoch (`TIMESTAMP` columns).
@@ -89,6 +91,14 @@ pub trait Operator: Send {
         _out: &mut Vec<ChangeBatch>,
     ) -> WeirResult<Option<EventTime>> {
         Ok(Some(watermark))
+    }
+
+    fn snapshot(&mut self, _out: &mut SnapshotWriter) -> WeirResult<()> {
+        Ok(())
+    }
+
+    fn restore(&mut self, _from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        Ok(())
     }
 }
 

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::source::{LateRow, SourceStats, WatermarkSpec};
 use super::{EventTime, NO_WATERMARK, Operator};
-use crate::connector::api::{Source, SourceChunk};
-use crate::state::ZSetState;
+use crate::connector::api::{Sink, Source, SourceChunk};
+use crate::state::{CheckpointStore, Manifest, SnapshotReader, SnapshotWriter, ZSetState};
 use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
 
 /// Messages read from one input before the loop turns to the next (bounds batch size and
@@ -132,6 +132,10 @@ impl DataflowBuilder {
             inputs: self.inputs,
             root,
             paused: None,
+            checkpointing: None,
+            epoch: 0,
+            restored: None,
+            changed_since_checkpoint: false,
         }
     }
 }
@@ -144,6 +148,56 @@ pub struct Dataflow {
     /// While set, the dataflow reads nothing and answers every FLUSH at once (a source's
     /// monitor while views read the source for it). Set by the engine; read each round.
     paused: Option<Arc<std::sync::atomic::AtomicBool>>,
+    checkpointing: Option<Checkpointing>,
+    /// The last checkpointed epoch (0: none yet).
+    epoch: u64,
+    /// The root's part of the checkpoint recovery started from (a sink restores it on the
+    /// dataflow's thread), with its epoch.
+    restored: Option<(u64, Vec<u8>)>,
+    /// Whether anything moved since the last checkpoint (an idle view skips checkpoints).
+    changed_since_checkpoint: bool,
+}
+
+/// Where and how often a dataflow checkpoints, and what it reports about it.
+pub struct Checkpointing {
+    pub store: CheckpointStore,
+    pub interval: Duration,
+    /// What the state belongs to: a checkpoint with another fingerprint is not restored.
+    pub fingerprint: String,
+    pub history: Arc<Mutex<CheckpointHistory>>,
+}
+
+/// A dataflow's recent checkpoints, for `weir_checkpoints`.
+#[derive(Debug, Default, Clone)]
+pub struct CheckpointHistory {
+    /// The newest last, at most [`CHECKPOINT_HISTORY`].
+    pub recent: std::collections::VecDeque<Manifest>,
+    /// The epoch recovery restored on start, if any.
+    pub restored_epoch: Option<u64>,
+    /// The last checkpoint failure (checkpoints are retried at the next interval).
+    pub last_error: Option<String>,
+}
+
+/// Checkpoints kept in [`CheckpointHistory::recent`].
+pub const CHECKPOINT_HISTORY: usize = 32;
+
+/// Format of a dataflow's state file; bumped when the layout changes (an older checkpoint is
+/// then not restored: the dataflow rebuilds from its inputs).
+const SNAPSHOT_VERSION: u64 = 1;
+
+/// What a dataflow maintains at its root: a view's rows, or a sink.
+pub enum Output {
+    View(ViewOutput),
+    Sink(Box<dyn Sink>, Arc<Mutex<Progress>>),
+}
+
+impl Output {
+    fn progress(&self) -> Arc<Mutex<Progress>> {
+        match self {
+            Output::View(v) => v.progress.clone(),
+            Output::Sink(_, p) => p.clone(),
+        }
+    }
 }
 
 /// What a running dataflow reports.
@@ -170,6 +224,9 @@ type PendingFlush = (Vec<Vec<u64>>, oneshot::Sender<WeirResult<()>>);
 pub enum Control {
     /// Answer once every input has read all that was published when this arrived.
     Flush(oneshot::Sender<WeirResult<()>>),
+    /// Take a checkpoint now (the `CHECKPOINT` statement); answers with its epoch, or 0
+    /// when the dataflow does not checkpoint.
+    Checkpoint(oneshot::Sender<WeirResult<u64>>),
 }
 
 /// The handle of a running dataflow: dropping it stops the dataflow's thread.
@@ -209,6 +266,17 @@ impl FlushHandle {
         let (tx, rx) = oneshot::channel();
         self.control
             .send(Control::Flush(tx))
+            .await
+            .map_err(|_| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    /// Asks for a checkpoint now; resolves with its epoch once it is durable (0 when the
+    /// dataflow does not checkpoint).
+    pub async fn checkpoint(&self) -> WeirResult<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Checkpoint(tx))
             .await
             .map_err(|_| self.stopped())?;
         rx.await.map_err(|_| self.stopped())?
@@ -289,15 +357,31 @@ impl Dataflow {
         }
     }
 
+    /// Makes the dataflow checkpoint (see [`Checkpointing`]); it restores the latest
+    /// checkpoint of the same fingerprint when it starts.
+    pub fn with_checkpoints(mut self, checkpointing: Checkpointing) -> Self {
+        self.checkpointing = Some(checkpointing);
+        self
+    }
+
     /// Starts the dataflow on a thread of its own, maintaining `output`.
     pub fn start(self, name: &str, output: ViewOutput) -> WeirResult<RunningDataflow> {
+        self.start_output(name, Output::View(output))
+    }
+
+    /// Starts the dataflow on a thread of its own, maintaining a view or feeding a sink.
+    /// With checkpoints, the latest checkpoint is restored first, here, so a view answers
+    /// `SELECT` from its last committed epoch as soon as it is open.
+    pub fn start_output(mut self, name: &str, output: Output) -> WeirResult<RunningDataflow> {
+        let mut output = output;
+        self.recover(&mut output)?;
         let (control, rx) = mpsc::channel(64);
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
+            .enable_all()
             .build()
             .map_err(|e| WeirError::internal(format!("dataflow runtime: {e}")))?;
-        let progress = output.progress.clone();
-        let output_progress = output.progress.clone();
+        let progress = output.progress();
+        let output_progress = output.progress();
         let view = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("weir-view-{name}"))
@@ -327,46 +411,112 @@ impl Dataflow {
 
     async fn run(
         mut self,
-        output: ViewOutput,
+        mut output: Output,
         mut control: mpsc::Receiver<Control>,
     ) -> WeirResult<()> {
         let mut pending: Vec<PendingFlush> = Vec::new();
-        let result = self.run_loop(&output, &mut control, &mut pending).await;
+        let result = self.run_loop(&mut output, &mut control, &mut pending).await;
         if let Err(e) = &result {
             // Every FLUSH, now or later, gets the same error: the view stopped, and why.
             let error = stopped(Some(e));
             for (_, reply) in pending {
                 let _ = reply.send(Err(error.clone()));
             }
-            while let Ok(Control::Flush(reply)) = control.try_recv() {
-                let _ = reply.send(Err(error.clone()));
+            while let Ok(message) = control.try_recv() {
+                match message {
+                    Control::Flush(reply) => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Control::Checkpoint(reply) => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
             }
         }
         result
     }
 
+    /// Handles one control message; `false` when the channel closed (stop).
+    async fn control(
+        &mut self,
+        message: Option<Control>,
+        output: &mut Output,
+        pending: &mut Vec<PendingFlush>,
+    ) -> WeirResult<bool> {
+        match message {
+            Some(Control::Flush(reply)) => pending.push((self.published(), reply)),
+            Some(Control::Checkpoint(reply)) => {
+                let result = if self.checkpointing.is_some() {
+                    self.checkpoint(output).await
+                } else {
+                    Ok(0)
+                };
+                let failed = result.as_ref().err().cloned();
+                let _ = reply.send(result);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            }
+            None => return Ok(false),
+        }
+        Ok(true)
+    }
+
     async fn run_loop(
         &mut self,
-        output: &ViewOutput,
+        output: &mut Output,
         control: &mut mpsc::Receiver<Control>,
         pending: &mut Vec<PendingFlush>,
     ) -> WeirResult<()> {
-        let mut out = Vec::new();
-        for n in 0..self.nodes.len() {
-            self.nodes[n].op.on_start(&mut out)?;
-            let parent = self.nodes[n].parent;
-            let batches = std::mem::take(&mut out);
-            for batch in batches {
-                self.push(parent, batch, output)?;
+        if let Output::Sink(sink, _) = output {
+            let restored = self.restored.take();
+            sink.restore(self.epoch, restored.as_ref().map(|(_, b)| b.as_slice()))
+                .await?;
+        }
+        if self.epoch == 0 {
+            let mut out = Vec::new();
+            for n in 0..self.nodes.len() {
+                self.nodes[n].op.on_start(&mut out)?;
+                let parent = self.nodes[n].parent;
+                let batches = std::mem::take(&mut out);
+                for batch in batches {
+                    self.push(parent, batch, output)?;
+                }
             }
         }
+        let interval = self.checkpointing.as_ref().map(|c| c.interval);
+        let mut next_checkpoint = interval.map(|i| tokio::time::Instant::now() + i);
         loop {
             loop {
                 match control.try_recv() {
-                    Ok(Control::Flush(reply)) => pending.push((self.published(), reply)),
+                    Ok(message) => {
+                        if !self.control(Some(message), output, pending).await? {
+                            return Ok(());
+                        }
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
                 }
+            }
+            if let Some(at) = next_checkpoint
+                && tokio::time::Instant::now() >= at
+            {
+                let is_sink = matches!(output, Output::Sink(..));
+                if self.changed_since_checkpoint || is_sink {
+                    if let Err(e) = self.checkpoint(output).await {
+                        // A failed checkpoint is retried at the next interval; the error
+                        // shows in weir_checkpoints. State is unchanged by the attempt.
+                        tracing::warn!(error = %e, "checkpoint failed");
+                        if let Some(c) = &self.checkpointing {
+                            c.history.lock().unwrap_or_else(|p| p.into_inner()).last_error =
+                                Some(e.to_string());
+                        }
+                    }
+                }
+                next_checkpoint = interval.map(|i| tokio::time::Instant::now() + i);
+            }
+            if let Output::Sink(sink, _) = output {
+                sink.tick().await?;
             }
             let paused = self
                 .paused
@@ -378,10 +528,11 @@ impl Dataflow {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(IDLE_WAIT) => {}
-                    message = control.recv() => match message {
-                        Some(Control::Flush(reply)) => pending.push((self.published(), reply)),
-                        None => return Ok(()),
-                    },
+                    message = control.recv() => {
+                        if !self.control(message, output, pending).await? {
+                            return Ok(());
+                        }
+                    }
                 }
                 continue;
             }
@@ -390,6 +541,7 @@ impl Dataflow {
                 let chunk = self.inputs[i].source.poll(POLL_MESSAGES_MAX)?;
                 if let Some(chunk) = chunk {
                     progressed = true;
+                    self.changed_since_checkpoint = true;
                     self.process(i, chunk, output)?;
                 }
             }
@@ -408,12 +560,15 @@ impl Dataflow {
                 continue;
             }
             let idle_inputs = self.advance_idle_watermarks(output)?;
-            let wait = if idle_inputs {
+            let wait = if idle_inputs || matches!(output, Output::Sink(..)) {
                 IDLE_WAIT / 5
             } else {
                 IDLE_WAIT
             };
-            let deadline = tokio::time::Instant::now() + wait;
+            let mut deadline = tokio::time::Instant::now() + wait;
+            if let Some(at) = next_checkpoint {
+                deadline = deadline.min(at);
+            }
             let waits: Vec<_> = self
                 .inputs
                 .iter()
@@ -428,10 +583,11 @@ impl Dataflow {
             };
             tokio::select! {
                 _ = any_input => {}
-                message = control.recv() => match message {
-                    Some(Control::Flush(reply)) => pending.push((self.published(), reply)),
-                    None => return Ok(()),
-                },
+                message = control.recv() => {
+                    if !self.control(message, output, pending).await? {
+                        return Ok(());
+                    }
+                }
             }
         }
     }
@@ -439,7 +595,7 @@ impl Dataflow {
     /// Moves the watermark of inputs idle for longer than their `idle_timeout`: their event
     /// time is taken to advance with wall-clock time since their last message. Returns whether
     /// any input has an idle timeout (the loop then looks more often).
-    fn advance_idle_watermarks(&mut self, output: &ViewOutput) -> WeirResult<bool> {
+    fn advance_idle_watermarks(&mut self, output: &mut Output) -> WeirResult<bool> {
         let mut any = false;
         for i in 0..self.inputs.len() {
             let input = &mut self.inputs[i];
@@ -467,10 +623,176 @@ impl Dataflow {
             if w > input.sent_watermark {
                 input.sent_watermark = w;
                 let parent = input.parent;
+                self.changed_since_checkpoint = true;
                 self.push_watermark(parent, w, output)?;
             }
         }
         Ok(any)
+    }
+
+    /// Restores the latest checkpoint of this dataflow's fingerprint, if any: input
+    /// positions and watermarks, operator state, the view's rows (a sink's part is kept for
+    /// [`Sink::restore`] on the dataflow's thread).
+    fn recover(&mut self, output: &mut Output) -> WeirResult<()> {
+        let Some(c) = &self.checkpointing else {
+            return Ok(());
+        };
+        let Some((manifest, state)) = c.store.latest()? else {
+            return Ok(());
+        };
+        let mut r = SnapshotReader::new(&state);
+        if manifest.fingerprint != c.fingerprint || r.u64()? != SNAPSHOT_VERSION {
+            tracing::warn!(
+                dir = %c.store.dir().display(),
+                "checkpoint belongs to another definition or format; rebuilding from the inputs"
+            );
+            c.store.clear()?;
+            return Ok(());
+        }
+        let mismatch = |what: &str| {
+            WeirError::new(
+                SqlState::DATA_CORRUPTED,
+                format!(
+                    "checkpoint {} does not match the dataflow ({what})",
+                    c.store.dir().display()
+                ),
+            )
+        };
+        if r.u64()? as usize != self.inputs.len() {
+            return Err(mismatch("inputs"));
+        }
+        for input in &mut self.inputs {
+            let n = r.u64()? as usize;
+            let positions = (0..n).map(|_| r.u64()).collect::<WeirResult<Vec<_>>>()?;
+            input.source.seek(&positions)?;
+            input.max_event_time = r.i64()?;
+            input.sent_watermark = r.i64()?;
+            input.last_activity = (std::time::Instant::now(), input.max_event_time);
+            if let Some(stats) = &input.stats {
+                stats.raise_watermark(input.sent_watermark);
+            }
+        }
+        if r.u64()? as usize != self.nodes.len() {
+            return Err(mismatch("operators"));
+        }
+        for node in &mut self.nodes {
+            let bytes = r.bytes()?;
+            node.op.restore(&mut SnapshotReader::new(bytes))?;
+        }
+        let root = r.bytes()?;
+        match output {
+            Output::View(view) => {
+                let mut rr = SnapshotReader::new(root);
+                let mut state = view.state.lock().unwrap_or_else(|p| p.into_inner());
+                for _ in 0..rr.u64()? {
+                    let batch = rr.batch()?;
+                    let batch = arrow::array::RecordBatch::try_new(
+                        state.schema().clone(),
+                        batch.columns().to_vec(),
+                    )
+                    .map_err(|_| mismatch("view columns"))?;
+                    state.apply(&ChangeBatch::inserts(batch))?;
+                }
+                view.progress.lock().unwrap_or_else(|p| p.into_inner()).rows =
+                    state.num_rows() as u64;
+            }
+            Output::Sink(..) => self.restored = Some((manifest.epoch, root.to_vec())),
+        }
+        self.epoch = manifest.epoch;
+        let mut history = c.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.restored_epoch = Some(manifest.epoch);
+        history.recent.push_back(manifest);
+        Ok(())
+    }
+
+    /// Takes checkpoint `epoch + 1`: every input's position, every operator's state and the
+    /// root's (a view's rows; a sink pre-commits), written durably; then a sink commits.
+    /// The dataflow runs its operators one batch at a time, so between two rounds every
+    /// operator has seen exactly the input up to the recorded positions: the barrier is
+    /// aligned by construction.
+    async fn checkpoint(&mut self, output: &mut Output) -> WeirResult<u64> {
+        let Some(c) = &self.checkpointing else {
+            return Ok(0);
+        };
+        let started = std::time::Instant::now();
+        let taken_at_ms = chrono::Utc::now().timestamp_millis();
+        let epoch = self.epoch + 1;
+        let mut w = SnapshotWriter::new();
+        w.u64(SNAPSHOT_VERSION);
+        w.u64(self.inputs.len() as u64);
+        for input in &self.inputs {
+            let positions = input.source.positions();
+            w.u64(positions.len() as u64);
+            for p in positions {
+                w.u64(p);
+            }
+            w.i64(input.max_event_time);
+            w.i64(input.sent_watermark);
+        }
+        w.u64(self.nodes.len() as u64);
+        for node in &mut self.nodes {
+            let mut nw = SnapshotWriter::new();
+            node.op.snapshot(&mut nw)?;
+            w.bytes(&nw.finish());
+        }
+        let root = match output {
+            Output::View(view) => {
+                let batches = view
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .snapshot();
+                let mut rw = SnapshotWriter::new();
+                rw.u64(batches.len() as u64);
+                for b in &batches {
+                    rw.batch(b)?;
+                }
+                rw.finish()
+            }
+            Output::Sink(sink, _) => sink.precommit(epoch).await?,
+        };
+        w.bytes(&root);
+        let state = w.finish();
+        let manifest = Manifest {
+            epoch,
+            taken_at_ms,
+            duration_ms: 0,
+            bytes: 0,
+            fingerprint: c.fingerprint.clone(),
+            state_file: String::new(),
+            crc32: 0,
+        };
+        let manifest = c.store.commit(manifest, &state, started)?;
+        self.epoch = epoch;
+        self.changed_since_checkpoint = false;
+        if let Output::Sink(sink, _) = output {
+            // The epoch is durable: its output must become visible. A failing store is
+            // retried with backoff; if it keeps failing the sink stops with the error and
+            // recovery commits the epoch again on restart.
+            let mut delay = Duration::from_millis(200);
+            let mut attempt = 0;
+            loop {
+                match sink.commit(epoch).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 5 => {
+                        attempt += 1;
+                        tracing::warn!(error = %e, attempt, "sink commit failed; retrying");
+                        c.history.lock().unwrap_or_else(|p| p.into_inner()).last_error =
+                            Some(format!("commit of epoch {epoch} failed (retrying): {e}"));
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut history = c.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.recent.push_back(manifest);
+        while history.recent.len() > CHECKPOINT_HISTORY {
+            history.recent.pop_front();
+        }
+        history.last_error = None;
+        Ok(epoch)
     }
 
     fn published(&self) -> Vec<Vec<u64>> {
@@ -478,7 +800,7 @@ impl Dataflow {
     }
 
     /// One chunk of input `i`: stats, lateness, rows up the tree, then the watermark.
-    fn process(&mut self, i: usize, chunk: SourceChunk, output: &ViewOutput) -> WeirResult<()> {
+    fn process(&mut self, i: usize, chunk: SourceChunk, output: &mut Output) -> WeirResult<()> {
         let input = &mut self.inputs[i];
         let mut changes = chunk.changes;
         let mut late_rows = Vec::new();
@@ -538,20 +860,28 @@ impl Dataflow {
         Ok(())
     }
 
-    fn push(&mut self, at: Parent, batch: ChangeBatch, output: &ViewOutput) -> WeirResult<()> {
+    fn push(&mut self, at: Parent, batch: ChangeBatch, output: &mut Output) -> WeirResult<()> {
         match at {
-            Parent::Root => {
-                let mut state = output.state.lock().unwrap_or_else(|p| p.into_inner());
-                let schema = state.schema().clone();
-                let batch = super::with_schema(batch, &schema)?;
-                state.apply(&batch)?;
-                output
-                    .progress
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .rows = state.num_rows() as u64;
-                Ok(())
-            }
+            Parent::Root => match output {
+                Output::View(output) => {
+                    let mut state = output.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let schema = state.schema().clone();
+                    let batch = super::with_schema(batch, &schema)?;
+                    state.apply(&batch)?;
+                    output
+                        .progress
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .rows = state.num_rows() as u64;
+                    Ok(())
+                }
+                Output::Sink(sink, progress) => {
+                    sink.write(&batch)?;
+                    progress.lock().unwrap_or_else(|p| p.into_inner()).rows +=
+                        batch.num_rows() as u64;
+                    Ok(())
+                }
+            },
             Parent::None => Err(WeirError::internal("dataflow node without a parent")),
             Parent::Node(n, k) => {
                 let mut out = Vec::new();
@@ -567,7 +897,7 @@ impl Dataflow {
         }
     }
 
-    fn push_watermark(&mut self, at: Parent, w: EventTime, output: &ViewOutput) -> WeirResult<()> {
+    fn push_watermark(&mut self, at: Parent, w: EventTime, output: &mut Output) -> WeirResult<()> {
         let Parent::Node(n, k) = at else {
             return Ok(());
         };

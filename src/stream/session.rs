@@ -22,6 +22,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
 
 use super::{EventTime, Operator};
+use crate::state::{SnapshotReader, SnapshotWriter};
 use crate::types::{ChangeBatch, WeirError, WeirResult};
 
 fn internal(context: &str) -> impl Fn(arrow::error::ArrowError) -> WeirError + '_ {
@@ -397,5 +398,56 @@ impl Operator for SessionOperator {
             }
         }
         Ok(Some(watermark))
+    }
+
+    /// Every open session: its key, bounds, what was emitted, and its rows as one batch.
+    fn snapshot(&mut self, out: &mut SnapshotWriter) -> WeirResult<()> {
+        let total: usize = self.sessions.values().map(Vec::len).sum();
+        out.u64(total as u64);
+        let mut keys: Vec<&Box<[u8]>> = self.sessions.keys().collect();
+        keys.sort();
+        for key in keys {
+            for session in &self.sessions[key] {
+                out.bytes(key);
+                out.i64(session.start);
+                out.i64(session.last);
+                match session.emitted {
+                    Some((a, b, n)) => {
+                        out.u64(1);
+                        out.i64(a);
+                        out.i64(b);
+                        out.u64(n as u64);
+                    }
+                    None => out.u64(0),
+                }
+                let rows = concat_batches(&self.input_schema, &session.rows)
+                    .map_err(internal("session snapshot"))?;
+                out.batch(&rows)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        self.sessions.clear();
+        for _ in 0..from.u64()? {
+            let key: Box<[u8]> = from.bytes()?.into();
+            let start = from.i64()?;
+            let last = from.i64()?;
+            let emitted = match from.u64()? {
+                1 => Some((from.i64()?, from.i64()?, from.u64()? as usize)),
+                _ => None,
+            };
+            let rows = from.batch()?;
+            let rows = RecordBatch::try_new(self.input_schema.clone(), rows.columns().to_vec())
+                .map_err(internal("session restore"))?;
+            self.sessions.entry(key).or_default().push(Session {
+                start,
+                last,
+                rows: vec![rows],
+                emitted,
+            });
+        }
+        Ok(())
     }
 }

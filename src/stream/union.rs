@@ -4,6 +4,7 @@
 use arrow::datatypes::SchemaRef;
 
 use super::{EventTime, NO_WATERMARK, Operator, with_schema};
+use crate::state::{SnapshotReader, SnapshotWriter};
 use crate::types::{ChangeBatch, WeirResult};
 
 pub struct UnionOperator {
@@ -58,5 +59,21 @@ impl Operator for UnionOperator {
             return Ok(Some(min));
         }
         Ok(None)
+    }
+
+    fn snapshot(&mut self, out: &mut SnapshotWriter) -> WeirResult<()> {
+        out.i64(self.sent);
+        for w in &self.watermarks {
+            out.i64(*w);
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        self.sent = from.i64()?;
+        for w in &mut self.watermarks {
+            *w = from.i64()?;
+        }
+        Ok(())
     }
 }

@@ -22,6 +22,7 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use super::project::eval_error;
 use super::{AggregateInput, EventTime, NO_WATERMARK, Operator, WindowKey};
+use crate::state::{SnapshotReader, SnapshotWriter};
 use crate::types::{ChangeBatch, WeirError, WeirResult};
 
 struct Window {
@@ -256,5 +257,98 @@ impl Operator for WindowAggregateOperator {
             }
         }
         Ok(Some(watermark))
+    }
+
+    /// Per open window: its end and one batch of the keys followed by every accumulator's
+    /// state (`state(EmitTo::All)`, which drains it; the window continues from accumulators
+    /// merged from that state, as recovery does).
+    fn snapshot(&mut self, out: &mut SnapshotWriter) -> WeirResult<()> {
+        out.i64(self.watermark);
+        let ends: Vec<EventTime> = self
+            .windows
+            .iter()
+            .filter(|(_, w)| !w.index.is_empty())
+            .map(|(e, _)| *e)
+            .collect();
+        out.u64(ends.len() as u64);
+        for end in ends {
+            let mut window = self
+                .windows
+                .remove(&end)
+                .ok_or_else(|| WeirError::internal("window vanished"))?;
+            let batch = self.window_state(&mut window)?;
+            let restored = self.window_from_state(&batch)?;
+            self.windows.insert(end, restored);
+            out.i64(end);
+            out.batch(&batch)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        self.watermark = from.i64()?;
+        self.windows.clear();
+        for _ in 0..from.u64()? {
+            let end = from.i64()?;
+            let batch = from.batch()?;
+            let window = self.window_from_state(&batch)?;
+            self.windows.insert(end, window);
+        }
+        Ok(())
+    }
+}
+
+impl WindowAggregateOperator {
+    fn window_state(&self, window: &mut Window) -> WeirResult<RecordBatch> {
+        let mut columns = self
+            .converter
+            .convert_rows(&window.keys)
+            .map_err(internal("window keys"))?;
+        let mut fields: Vec<arrow::datatypes::Field> = columns
+            .iter()
+            .enumerate()
+            .map(|(k, c)| arrow::datatypes::Field::new(format!("k{k}"), c.data_type().clone(), true))
+            .collect();
+        for (a, acc) in window.accumulators.iter_mut().enumerate() {
+            for (f, state) in acc.state(EmitTo::All).map_err(eval_error)?.into_iter().enumerate() {
+                fields.push(arrow::datatypes::Field::new(
+                    format!("s{a}_{f}"),
+                    state.data_type().clone(),
+                    true,
+                ));
+                columns.push(state);
+            }
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+            .map_err(internal("window snapshot"))
+    }
+
+    fn window_from_state(&self, batch: &RecordBatch) -> WeirResult<Window> {
+        let mut window = self.new_window()?;
+        let n_keys = self.group_exprs.len();
+        let keys = batch.columns()[..n_keys.min(batch.num_columns())].to_vec();
+        let encoded = self
+            .converter
+            .convert_columns(&keys)
+            .map_err(internal("window keys"))?;
+        for (g, row) in encoded.iter().enumerate() {
+            window.keys.push(row);
+            window.index.insert(row.as_ref().into(), g);
+        }
+        let groups: Vec<usize> = (0..batch.num_rows()).collect();
+        let schema = batch.schema();
+        for (a, acc) in window.accumulators.iter_mut().enumerate() {
+            let prefix = format!("s{a}_");
+            let states: Vec<ArrayRef> = schema
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.name().starts_with(&prefix))
+                .map(|(i, _)| batch.column(i).clone())
+                .collect();
+            acc.merge_batch(&states, &groups, groups.len())
+                .map_err(eval_error)?;
+        }
+        Ok(window)
     }
 }

@@ -37,6 +37,11 @@ impl SqlState {
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     pub const IO_ERROR: SqlState = SqlState("58030");
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
+    pub const CONNECTION_EXCEPTION: SqlState = SqlState("08000");
+    pub const UNABLE_TO_CONNECT: SqlState = SqlState("08001");
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
     pub const DATA_CORRUPTED: SqlState = SqlState("XX001");
 

@@ -63,6 +63,7 @@ impl TestServer {
             pg_addr: "127.0.0.1:0".to_string(),
             http_addr: "127.0.0.1:0".to_string(),
             data_dir: data_dir.path().to_path_buf(),
+            checkpoint_interval: std::time::Duration::from_secs(10),
         };
         let server = within(
             "the in-process server to start",
@@ -181,6 +182,11 @@ impl BinaryServer {
     /// Starts `weir serve` on `data_dir`, appending its stderr to `log`, and waits for the
     /// `weir: listening pg=… http=…` line on stdout.
     pub async fn start(data_dir: &Path, log: &Path) -> BinaryServer {
+        BinaryServer::start_with(data_dir, log, &[]).await
+    }
+
+    /// [`BinaryServer::start`] with more `weir serve` arguments.
+    pub async fn start_with(data_dir: &Path, log: &Path, args: &[&str]) -> BinaryServer {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -191,6 +197,7 @@ impl BinaryServer {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--pg-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

@@ -2,6 +2,10 @@
 //! reader of the topic, at its own offsets) and a table's change log ([`TableSource`]: inserts
 //! and retractions, in commit order).
 
+mod sink;
+
+pub use sink::TopicSink;
+
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, TimestampNanosecondArray};
@@ -194,6 +198,31 @@ impl Source for TopicSource {
     fn append_only(&self) -> bool {
         true
     }
+
+    fn seek(&mut self, positions: &[u64]) -> WeirResult<()> {
+        if positions.len() != self.positions.len() {
+            return Err(WeirError::internal(format!(
+                "checkpoint has {} partitions, topic \"{}\" {}",
+                positions.len(),
+                self.topic.name(),
+                self.positions.len()
+            )));
+        }
+        for (p, &at) in positions.iter().enumerate() {
+            let oldest = self.topic.start_offset(p as u32);
+            if at < oldest {
+                tracing::warn!(
+                    topic = self.topic.name(),
+                    partition = p,
+                    from = at,
+                    oldest,
+                    "checkpoint position is no longer retained; resuming at the oldest message"
+                );
+            }
+            self.positions[p] = at.max(oldest);
+        }
+        Ok(())
+    }
 }
 
 /// Reads a table's change log: every committed INSERT, UPDATE and DELETE as weighted rows.
@@ -282,6 +311,14 @@ impl Source for TableSource {
 
     fn append_only(&self) -> bool {
         false
+    }
+
+    fn seek(&mut self, positions: &[u64]) -> WeirResult<()> {
+        let at = positions.first().copied().unwrap_or(0);
+        // A table's log keeps every change it still needs; nothing older is dropped while the
+        // table exists, so `at` is retained.
+        self.next = at.max(self.log.start_offset());
+        Ok(())
     }
 }
 

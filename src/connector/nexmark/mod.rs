@@ -326,6 +326,11 @@ impl Source for NexmarkSource {
         vec![self.next]
     }
 
+    fn seek(&mut self, positions: &[u64]) -> WeirResult<()> {
+        self.next = positions.first().copied().unwrap_or(0).min(self.config.events);
+        Ok(())
+    }
+
     fn published(&self) -> Vec<u64> {
         vec![self.config.events]
     }
