@@ -179,10 +179,12 @@ async fn make_sink(
             if !is_append_only {
                 return Err(not_append_only(from));
             }
-            let _ = SourceFormat::parse(format.unwrap_or("JSON"))?;
-            Err(WeirError::unsupported(
-                "RabbitMQ sinks are not available yet",
-                "sink into a builtin topic, or to Parquet",
+            let format = SourceFormat::parse(format.unwrap_or("JSON"))?;
+            let sink = crate::connector::rabbitmq::RabbitSink::open(name, options, format).await?;
+            Ok((
+                Box::new(sink),
+                connector,
+                "at least once across a crash between a checkpoint and its publisher confirms (message_id <sink>-<epoch>-<n> lets consumers drop repeats); exactly once otherwise",
             ))
         }
         other => Err(WeirError::new(

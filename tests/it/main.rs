@@ -6,6 +6,7 @@ mod checkpoints;
 mod cli;
 mod docs;
 mod durability;
+mod exactly_once;
 mod harness;
 mod http_queue;
 mod log;

@@ -415,6 +415,7 @@ async fn s3_sink_partitions_by_window_start() {
     let store = moto.store("lake");
     let keys = poll_until("the S3 files to be committed", || async {
         let (rows, keys) = s3_rows(store.as_ref(), "hot").await;
+        eprintln!("DEBUG rows={rows:?} keys={keys:?} sinks={:?}", simple_rows(&client, "SELECT * FROM weir_checkpoints").await);
         (rows == want).then_some(keys)
     })
     .await;

@@ -2,13 +2,17 @@
 //! over real pgwire: queue mode into an `EMIT ON WINDOW CLOSE` view with dead letters, an
 //! exchange binding, stream mode across a `kill -9` of the binary, queue mode killed while
 //! messages keep arriving (every message exactly once afterwards), the errors `CREATE SOURCE`
-//! gives for bad settings, and recovery after RabbitMQ drops the consumer or the connection.
+//! gives for bad settings, recovery after RabbitMQ drops the consumer or the connection, and
+//! the queue-mode crash window (appended, not acknowledged) made to happen through the
+//! connector's own API over a real topic.
 //!
 //! Messages travel broker → ingest → the source's log asynchronously, so tests wait for the
 //! log with a deadline ([`poll_until`]) and then use `FLUSH` for the views. Without a broker the
 //! tests print a line and pass, unless `WEIR_REQUIRE_BROKERS=1` (CI), when they fail. Every
 //! queue and exchange is named at random and deleted at the end.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{
@@ -18,6 +22,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_postgres::Client;
+use weir::connector::rabbitmq::{self, IngestLog, IngestMessage, IngestStatus, RabbitMqConfig};
+use weir::queue::topic::{Message, Topic, TopicConfig};
+use weir::types::{WeirError, WeirResult};
 
 use crate::harness::{
     BinaryServer, TestServer, assert_no_error_lines, assert_no_panics, expect_sqlstate, poll_until,
@@ -675,8 +682,12 @@ async fn create_source_reports_broker_problems_with_sqlstates() {
             "42704",
         ),
         (
-            "queue mode on a stream",
-            create_source("s", "id BIGINT", &format!("queue = '{stream}'")),
+            "declaring a queue that is a stream",
+            create_source(
+                "s",
+                "id BIGINT",
+                &format!("queue = '{stream}', declare = 'true'"),
+            ),
             "42809",
         ),
         (
@@ -736,6 +747,31 @@ async fn create_source_reports_broker_problems_with_sqlstates() {
         .expect("a good CREATE SOURCE after the failed ones");
     broker.publish(&classic, r#"{"id": 1}"#).await;
     wait_for_rows(&client, "s", 1).await;
+    // A stream read in queue mode cannot be told at CREATE time without touching the queue;
+    // the first delivery tells, nothing is stored, and the status says what to do.
+    client
+        .batch_execute(&create_source(
+            "wrong_mode",
+            "id BIGINT",
+            &format!("queue = '{stream}'"),
+        ))
+        .await
+        .expect("a queue-mode source over a stream is created");
+    broker.publish(&stream, r#"{"id": 2}"#).await;
+    let status = poll_until("the ingest to notice the stream", || async {
+        let status = simple_value(
+            &client,
+            "SELECT status FROM weir_sources WHERE source = 'wrong_mode'",
+        )
+        .await;
+        status.contains("is a stream queue").then_some(status)
+    })
+    .await;
+    assert!(status.contains("mode = 'stream'"), "{status}");
+    assert_eq!(
+        simple_value(&client, "SELECT count(*) FROM wrong_mode").await,
+        "0"
+    );
     server.shutdown().await;
     broker.cleanup().await;
 }
@@ -868,5 +904,191 @@ async fn ingest_reconnects_after_the_broker_drops_it() {
     let (n, distinct) = counts(&client, "flaky").await;
     assert_eq!(n, distinct, "no message twice");
     server.shutdown().await;
+    broker.cleanup().await;
+}
+
+/// The ingest's write-ahead log over a real topic, with the crash window made to happen: the
+/// `freeze_on`-th append is stored (fsync'd) but reported failed, as if the process died
+/// right after the fsync and before the ack; later appends then fail without storing until
+/// `unfreeze`; and the first acknowledged-through marker write is lost.
+struct CrashWindowLog {
+    topic: Topic,
+    marker: std::sync::Mutex<Option<u64>>,
+    appends: AtomicUsize,
+    marker_writes: AtomicUsize,
+    freeze_on: usize,
+    frozen: AtomicBool,
+    /// Messages of the append reported failed.
+    failed_batch: AtomicUsize,
+}
+
+impl CrashWindowLog {
+    fn open(dir: &std::path::Path, freeze_on: usize) -> CrashWindowLog {
+        CrashWindowLog {
+            topic: Topic::open(dir, TopicConfig::default()).expect("open a topic"),
+            marker: std::sync::Mutex::new(None),
+            appends: AtomicUsize::new(0),
+            marker_writes: AtomicUsize::new(0),
+            freeze_on,
+            frozen: AtomicBool::new(false),
+            failed_batch: AtomicUsize::new(0),
+        }
+    }
+
+    /// The `id` field of every stored message, in log order.
+    fn ids(&self) -> Vec<i64> {
+        self.topic
+            .read(0, 0, 100_000)
+            .expect("read the topic")
+            .iter()
+            .map(|r| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&r.payload).expect("a JSON payload");
+                v["id"].as_i64().expect("an id")
+            })
+            .collect()
+    }
+}
+
+impl IngestLog for CrashWindowLog {
+    fn append(&self, messages: Vec<IngestMessage>) -> WeirResult<u64> {
+        if self.frozen.load(Ordering::SeqCst) {
+            return Err(WeirError::io("test log", "frozen after the crash window"));
+        }
+        let n = messages.len();
+        let published = self
+            .topic
+            .publish(
+                &messages
+                    .into_iter()
+                    .map(|m| Message {
+                        key: None,
+                        payload: m.payload,
+                        headers: m.headers,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .expect("publish to the test topic");
+        if self.appends.fetch_add(1, Ordering::SeqCst) + 1 == self.freeze_on {
+            self.failed_batch.store(n, Ordering::SeqCst);
+            self.frozen.store(true, Ordering::SeqCst);
+            return Err(WeirError::io("test log", "crash right after the fsync"));
+        }
+        Ok(published.last().expect("a message").offset)
+    }
+
+    fn fits(&self, _message: &IngestMessage) -> bool {
+        true
+    }
+
+    fn end_offset(&self) -> u64 {
+        self.topic.end_offset(0)
+    }
+
+    fn read(&self, from: u64, max: usize) -> WeirResult<Vec<(u64, IngestMessage)>> {
+        Ok(self
+            .topic
+            .read(0, from, max)
+            .expect("read the test topic")
+            .into_iter()
+            .map(|r| {
+                let message = IngestMessage {
+                    payload: r.payload,
+                    headers: r.headers,
+                };
+                (r.offset, message)
+            })
+            .collect())
+    }
+
+    fn acked_through(&self) -> WeirResult<Option<u64>> {
+        Ok(*self.marker.lock().expect("marker lock"))
+    }
+
+    fn set_acked_through(&self, offset: u64) -> WeirResult<()> {
+        if self.marker_writes.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(WeirError::io("test log", "marker write lost"));
+        }
+        *self.marker.lock().expect("marker lock") = Some(offset);
+        Ok(())
+    }
+}
+
+/// The queue-mode crash window, made to happen rather than hoped for: a batch is durably
+/// appended but never acknowledged (and an earlier marker write was lost), the ingest is
+/// stopped and a fresh one started over the same log. RabbitMQ redelivers the batch; the new
+/// ingest skips exactly those messages, and every message is in the log once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliveries_of_a_batch_appended_but_not_acknowledged_are_skipped() {
+    let Some(mut broker) = require_rabbitmq("redeliveries_of_a_batch_appended").await else {
+        return;
+    };
+    let queue = broker.declare_queue("window", false).await;
+    const TOTAL: i64 = 300;
+    for id in 0..TOTAL {
+        broker
+            .publish(&queue, &format!(r#"{{"id": {id}, "note": "same"}}"#))
+            .await;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = Arc::new(CrashWindowLog::open(dir.path(), 2));
+    let options: Vec<(String, String)> = [
+        ("connector", "rabbitmq"),
+        ("url", AMQP_URL),
+        ("queue", queue.as_str()),
+        ("prefetch", "50"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let config = RabbitMqConfig::from_options(&options).expect("valid options");
+
+    let first = tokio::spawn(rabbitmq::run(
+        config.clone(),
+        "window_1".to_string(),
+        log.clone(),
+        Arc::new(IngestStatus::new()),
+    ));
+    poll_until("the crash window", || async {
+        log.frozen.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    first.abort();
+    let _ = first.await; // cancelled
+    let failed_batch = log.failed_batch.load(Ordering::SeqCst);
+    assert!(failed_batch > 0);
+    let before_restart = log.ids().len();
+    log.frozen.store(false, Ordering::SeqCst);
+
+    let status = Arc::new(IngestStatus::new());
+    let second = tokio::spawn(rabbitmq::run(
+        config,
+        "window_2".to_string(),
+        log.clone(),
+        status.clone(),
+    ));
+    poll_until("the queue to be drained", || async {
+        (broker.ready(&queue).await == 0).then_some(())
+    })
+    .await;
+    // A last message after all others: the redeliveries came before it.
+    broker
+        .publish(&queue, &format!(r#"{{"id": {TOTAL}, "note": "last"}}"#))
+        .await;
+    poll_until("the last message in the log", || async {
+        log.ids().contains(&TOTAL).then_some(())
+    })
+    .await;
+    second.abort();
+    let mut ids = log.ids();
+    assert_eq!(ids.len() as i64, TOTAL + 1, "no message twice or lost");
+    ids.sort_unstable();
+    assert_eq!(ids, (0..=TOTAL).collect::<Vec<_>>());
+    let snapshot = status.snapshot();
+    assert_eq!(
+        snapshot.duplicates as usize, failed_batch,
+        "exactly the appended, unacknowledged batch was skipped ({before_restart} messages \
+         were in the log before the restart): {snapshot:?}"
+    );
     broker.cleanup().await;
 }

@@ -48,6 +48,10 @@
 //! up: a failed connection or channel is retried with backoff (100 ms doubling to 5 s), and
 //! [`IngestStatus`] says what is happening. It imports neither `queue` nor `sql`.
 
+mod sink;
+
+pub use sink::{RabbitSink, SINK_OPTIONS};
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
@@ -470,14 +474,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Connects once and prepares the queue as the ingest would (declaring it and the exchange with
-/// `declare = 'true'`, binding, checking the queue's type), then disconnects. Used at `CREATE
+/// `declare = 'true'`, binding; a stream source also starts a consumer, which only a stream
+/// queue accepts), then disconnects. Used at `CREATE
 /// SOURCE` time so a source that cannot read fails there: 08001 unreachable, 28P01 wrong
 /// password, 42704 missing queue or exchange, 42809 a queue of the wrong type.
 pub async fn check(config: &RabbitMqConfig, source: &str) -> WeirResult<()> {
     let connection = connect(config, source).await?;
-    let result = prepare(&connection, config).await;
+    let result = async {
+        let channel = prepare(&connection, config).await?;
+        if config.mode == RabbitMqMode::Stream {
+            // Only a stream takes the offset argument; reading from 'next' consumes nothing.
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                HEADER_STREAM_OFFSET.into(),
+                AMQPValue::LongString("next".into()),
+            );
+            channel
+                .basic_consume(
+                    short(&config.queue)?,
+                    ShortString::from(""),
+                    BasicConsumeOptions::default(),
+                    arguments,
+                )
+                .await
+                .map_err(|e| queue_error(config, "consuming from", &e))?;
+        }
+        Ok(())
+    }
+    .await;
     let _ = connection.close(200, "OK".into()).await; // best effort: dropping closes too
-    result.map(|_| ())
+    result
 }
 
 /// The ingest: runs until the task is aborted (the source dropped, the server stopping),
@@ -1055,6 +1081,12 @@ fn queue_error(config: &RabbitMqConfig, doing: &str, e: &lapin::Error) -> WeirEr
     let queue = &config.queue;
     match amqp_kind(e) {
         Some((AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND), text)) => missing_queue(config, &text),
+        // Classic and quorum queues refuse the stream consumer argument.
+        Some((AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED), text))
+            if text.contains(HEADER_STREAM_OFFSET) =>
+        {
+            wrong_type(config, false)
+        }
         Some((AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED), text)) => WeirError::new(
             SqlState::INSUFFICIENT_PRIVILEGE,
             format!(
@@ -1131,8 +1163,9 @@ fn is_soft(e: &lapin::Error, kind: AMQPSoftError) -> bool {
 }
 
 /// Declares (or checks) the queue, the exchange and the binding, sets the prefetch, and
-/// returns the channel to consume on. A failed AMQP operation closes its channel, so each probe
-/// that may fail gets a fresh one.
+/// returns the channel to consume on. A failed AMQP operation closes its channel (and lapin
+/// logs that as an error), so the healthy path never provokes one: `declare = 'true'` declares
+/// directly, otherwise a passive declare checks the queue exists.
 async fn prepare(connection: &Connection, config: &RabbitMqConfig) -> WeirResult<Channel> {
     let queue = short(&config.queue)?;
     let mut channel = open_channel(config, connection).await?;
@@ -1144,51 +1177,39 @@ async fn prepare(connection: &Connection, config: &RabbitMqConfig) -> WeirResult
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    match channel
-        .queue_declare(queue.clone(), passive, FieldTable::default())
-        .await
-    {
-        Ok(_) => {
-            // Its type: redeclaring as a durable stream is a no-op on a stream and fails on
-            // 'x-queue-type' for any other queue. Other mismatches tell nothing; the ingest
-            // also checks each delivery.
-            let probe = open_channel(config, connection).await?;
-            let is_stream = match probe
-                .queue_declare(queue.clone(), durable, stream_arguments())
-                .await
-            {
-                Ok(_) => Some(true),
-                Err(e)
-                    if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED)
-                        && e.to_string().contains("'x-queue-type'") =>
-                {
-                    Some(false)
+    if config.declare {
+        let arguments = match config.mode {
+            RabbitMqMode::Stream => stream_arguments(),
+            RabbitMqMode::Queue => FieldTable::default(),
+        };
+        match channel
+            .queue_declare(queue.clone(), durable, arguments)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => {
+                // The queue exists with other settings. Only its type matters: a stream read
+                // as a queue (or the reverse) cannot work; anything else is read as it is.
+                let text = e.to_string();
+                if text.contains("'x-queue-type'") {
+                    match config.mode {
+                        RabbitMqMode::Stream => return Err(wrong_type(config, false)),
+                        RabbitMqMode::Queue if text.contains("'stream'") => {
+                            return Err(wrong_type(config, true));
+                        }
+                        RabbitMqMode::Queue => {} // a quorum queue
+                    }
                 }
-                Err(_) => None,
-            };
-            let _ = probe.close(200, "OK".into()).await; // closed already if the probe failed
-            match (config.mode, is_stream) {
-                (RabbitMqMode::Queue, Some(true)) => return Err(wrong_type(config, true)),
-                (RabbitMqMode::Stream, Some(false)) => return Err(wrong_type(config, false)),
-                _ => {}
+                channel = open_channel(config, connection).await?;
             }
+            Err(e) => return Err(queue_error(config, "declaring", &e)),
         }
-        Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {
-            if !config.declare {
-                let text = amqp_kind(&e).map(|(_, t)| t).unwrap_or_default();
-                return Err(missing_queue(config, &text));
-            }
-            channel = open_channel(config, connection).await?;
-            let arguments = match config.mode {
-                RabbitMqMode::Stream => stream_arguments(),
-                RabbitMqMode::Queue => FieldTable::default(),
-            };
-            channel
-                .queue_declare(queue.clone(), durable, arguments)
-                .await
-                .map_err(|e| queue_error(config, "declaring", &e))?;
-        }
-        Err(e) => return Err(queue_error(config, "checking", &e)),
+    } else {
+        // Passive: succeeds without touching the queue; fails (closing the channel) if missing.
+        channel
+            .queue_declare(queue.clone(), passive, FieldTable::default())
+            .await
+            .map_err(|e| queue_error(config, "checking", &e))?;
     }
     if let Some(exchange) = &config.exchange {
         let name = short(exchange)?;
@@ -1203,39 +1224,42 @@ async fn prepare(connection: &Connection, config: &RabbitMqConfig) -> WeirResult
             .with_detail(text)
             .with_hint("create the exchange, or set declare = 'true' to declare it (a durable topic exchange)")
         };
-        let checked = channel
-            .exchange_declare(
-                name.clone(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match checked {
-            Ok(()) => {}
-            Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {
-                let text = amqp_kind(&e).map(|(_, t)| t).unwrap_or_default();
-                if !config.declare {
-                    return Err(missing(text));
+        if config.declare {
+            let declared = channel
+                .exchange_declare(
+                    name.clone(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(()) => {}
+                // It exists as another type or with other settings: bind to it as it is.
+                Err(e) if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => {
+                    channel = open_channel(config, connection).await?;
                 }
-                channel = open_channel(config, connection).await?;
-                channel
-                    .exchange_declare(
-                        name.clone(),
-                        ExchangeKind::Topic,
-                        ExchangeDeclareOptions {
-                            durable: true,
-                            ..ExchangeDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| queue_error(config, "declaring the exchange for", &e))?;
+                Err(e) => return Err(queue_error(config, "declaring the exchange for", &e)),
             }
-            Err(e) => return Err(queue_error(config, "checking the exchange for", &e)),
+        } else {
+            channel
+                .exchange_declare(
+                    name.clone(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| match amqp_kind(&e) {
+                    Some((AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND), text)) => missing(text),
+                    _ => queue_error(config, "checking the exchange for", &e),
+                })?;
         }
         channel
             .queue_bind(

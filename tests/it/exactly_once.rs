@@ -1,0 +1,614 @@
+//! The exactly-once bar, end to end with the real binary: events travel broker → source →
+//! `EMIT ON WINDOW CLOSE` TUMBLE view → Parquet sink while the server is killed with SIGKILL
+//! several times (once with a `CHECKPOINT` statement in flight), and the committed Parquet files
+//! must end up holding every window exactly once, row for row what the events give.
+//!
+//! Three sources: (a) a RabbitMQ classic queue (200,000 events), (b) a built-in topic that a
+//! producer fills over pgwire, retrying across the crashes, (c) a RabbitMQ stream queue. For (a)
+//! and (c) the expected windows are computed from the events the producer generated (all on
+//! time); for (b), where a publish whose reply was lost may or may not have landed, from the
+//! batch query over what the topic holds at the end. Then the README's walk-through
+//! (`sql/rabbitmq_to_parquet.sql`, `sql/rabbitmq_producer.py`, `sql/read_parquet.py`) is run as
+//! a user would run it.
+//!
+//! Kills are triggered by conditions (messages ingested by this process, messages published, a
+//! new commit), with a random delay only as fault-injection timing. Waits are deadline polls
+//! ([`poll_until`]): ingest from a broker and file commits follow wall-clock time. Without
+//! RabbitMQ (or the tests' Python, for the walk-through) the tests say why and pass, unless
+//! `WEIR_REQUIRE_BROKERS=1`, when they fail.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Int64Type, TimeUnit};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::harness::{
+    BinaryServer, assert_no_error_lines, assert_no_panics, connect, poll_until, psql,
+    simple_value, temp_dir_with_log, try_connect, within,
+};
+use crate::s3;
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The server flags of every run here: checkpoints (and so commits) every 300 ms.
+const SERVER_ARGS: &[&str] = &["--checkpoint-interval", "300ms"];
+/// 2026-01-01 00:00:00 UTC in epoch milliseconds: event `n` happens at `BASE_MS + n`.
+const BASE_MS: i64 = 1_767_225_600_000;
+/// The last event's time: far past every other event, so every earlier window closes.
+const CLOSING_MS: i64 = BASE_MS + 100_000_000;
+const KEYS: u64 = 50;
+/// RabbitMQ publishes in flight before the producer waits for the oldest confirm.
+const CONFIRMS_IN_FLIGHT_MAX: usize = 1000;
+/// Events per `INSERT` of the topic producer: 500 ms of event time, well inside the source's
+/// 5 s watermark delay, so a batch published twice (a reply lost in a crash) is never late.
+const TOPIC_BATCH_EVENTS: u64 = 500;
+
+/// One output row: `(key, window_start in epoch ms, n, total)`.
+type WindowRow = (i64, i64, i64, i64);
+
+/// The event with id `n`, as JSON.
+fn event_json(n: u64) -> String {
+    format!(
+        r#"{{"id": {n}, "key": {}, "value": {}, "ts": {}}}"#,
+        n % KEYS,
+        n % 97,
+        BASE_MS + n as i64
+    )
+}
+
+/// The event that closes every window before it (not part of any expected window).
+fn closing_event_json(id: u64) -> String {
+    format!(r#"{{"id": {id}, "key": 0, "value": 0, "ts": {CLOSING_MS}}}"#)
+}
+
+/// The view's rows for events `0..events`, sorted.
+fn expected_windows(events: u64) -> Vec<WindowRow> {
+    let mut windows: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
+    for n in 0..events {
+        let ts = BASE_MS + n as i64;
+        let entry = windows
+            .entry(((n % KEYS) as i64, ts - ts.rem_euclid(1000)))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += (n % 97) as i64;
+    }
+    windows
+        .into_iter()
+        .map(|((key, start), (n, total))| (key, start, n, total))
+        .collect()
+}
+
+fn source_sql(with: &str, delay_s: u32) -> String {
+    format!(
+        "CREATE SOURCE src (id BIGINT, key BIGINT, value BIGINT, ts TIMESTAMP, \
+         WATERMARK FOR ts AS ts - INTERVAL '{delay_s}' SECOND) WITH ({with}) FORMAT JSON"
+    )
+}
+
+const VIEW_SQL: &str = "CREATE MATERIALIZED VIEW per_second AS \
+     SELECT key, window_start, count(*) AS n, sum(value) AS total \
+     FROM TUMBLE(src, ts, INTERVAL '1' SECOND) \
+     GROUP BY key, window_start, window_end EMIT ON WINDOW CLOSE";
+
+fn sink_sql(dir: &Path) -> String {
+    format!(
+        "CREATE SINK archive FROM per_second WITH (connector = 'parquet', \
+         path = 'file://{}', rollover = '200ms')",
+        dir.display()
+    )
+}
+
+async fn run(client: &Client, sql: &str) {
+    within(sql, client.batch_execute(sql))
+        .await
+        .unwrap_or_else(|err| panic!("`{sql}` failed: {err:?}"));
+}
+
+/// A name no other test run uses.
+fn unique(prefix: &str) -> String {
+    format!("weir_it_{prefix}_{:08x}", rand::random::<u32>())
+}
+
+/// Whether a missing broker fails the test (CI) instead of skipping it.
+fn require_brokers() -> bool {
+    std::env::var("WEIR_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
+}
+
+/// A confirming channel to RabbitMQ, or `None` (having said why) when it does not answer;
+/// with `WEIR_REQUIRE_BROKERS=1` a missing broker fails the test instead.
+async fn rabbitmq(test: &str) -> Option<(Connection, Channel)> {
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(AMQP_URL, ConnectionProperties::default()),
+    )
+    .await;
+    let why = match attempt {
+        Ok(Ok(connection)) => {
+            let channel = connection
+                .create_channel()
+                .await
+                .expect("open a RabbitMQ channel");
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .expect("enable publisher confirms");
+            return Some((connection, channel));
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 5s".to_string(),
+    };
+    if require_brokers() {
+        panic!("RabbitMQ at {AMQP_URL} did not answer ({why}) and WEIR_REQUIRE_BROKERS=1");
+    }
+    eprintln!("skipping {test}: RabbitMQ at {AMQP_URL} did not answer ({why})");
+    None
+}
+
+/// Deletes a test's queue when dropped, also when the test fails (a stream of 200,000
+/// messages should not outlive its test).
+struct QueueGuard(String);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        let queue = self.0.clone();
+        // Its own thread and runtime: drop may run inside (or outside) the test's runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime to delete the queue");
+            runtime.block_on(async {
+                let connect = Connection::connect(AMQP_URL, ConnectionProperties::default());
+                let Ok(Ok(connection)) =
+                    tokio::time::timeout(Duration::from_secs(5), connect).await
+                else {
+                    return;
+                };
+                if let Ok(channel) = connection.create_channel().await {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = connection.close(200, "OK".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Publishes `body` to `queue` (persistent, mandatory) without waiting for the confirm.
+async fn publish(channel: &Channel, queue: &str, body: &[u8]) -> PublisherConfirm {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish to RabbitMQ")
+}
+
+/// Waits for a publish's confirm: an ack, and the message was routed to the queue.
+async fn confirmed(confirm: PublisherConfirm) {
+    match within("RabbitMQ's publisher confirm", confirm)
+        .await
+        .expect("RabbitMQ confirms the publish")
+    {
+        Confirmation::Ack(None) => {}
+        other => panic!("RabbitMQ did not take a message: {other:?}"),
+    }
+}
+
+/// Publishes events `0..events` to `queue` with up to [`CONFIRMS_IN_FLIGHT_MAX`] unconfirmed,
+/// counting confirmed ones in `published`; returns when every one is confirmed.
+async fn publish_events(
+    channel: Channel,
+    queue: String,
+    events: u64,
+    published: Arc<AtomicU64>,
+) -> Channel {
+    let mut in_flight = VecDeque::with_capacity(CONFIRMS_IN_FLIGHT_MAX);
+    for n in 0..events {
+        if in_flight.len() == CONFIRMS_IN_FLIGHT_MAX {
+            confirmed(in_flight.pop_front().expect("a publish in flight")).await;
+            published.fetch_add(1, Ordering::Relaxed);
+        }
+        in_flight.push_back(publish(&channel, &queue, event_json(n).as_bytes()).await);
+    }
+    for confirm in in_flight {
+        confirmed(confirm).await;
+        published.fetch_add(1, Ordering::Relaxed);
+    }
+    channel
+}
+
+/// Every committed `.parquet` file under a sink directory (not the `_weir_staging` area).
+fn committed_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.file_name().is_some_and(|n| n == "_weir_staging") {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The rows of one Parquet file of the sink, read with the `parquet` crate's Arrow reader.
+fn parquet_windows(path: &Path) -> Vec<WindowRow> {
+    let file = std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("open committed file {}: {e}", path.display()));
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap_or_else(|e| panic!("{} is not a Parquet file: {e}", path.display()))
+        .build()
+        .expect("a Parquet reader");
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let int64 = |name: &str| {
+            let column = batch
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("{} has no column {name}", path.display()));
+            let column = if let DataType::Timestamp(_, _) = column.data_type() {
+                cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))
+                    .expect("timestamp to ms")
+            } else {
+                column.clone()
+            };
+            let column = cast(&column, &DataType::Int64).expect("a column as BIGINT");
+            assert_eq!(column.null_count(), 0, "{name} has NULLs");
+            column.as_primitive::<Int64Type>().values().to_vec()
+        };
+        let (key, start, n, total) = (
+            int64("key"),
+            int64("window_start"),
+            int64("n"),
+            int64("total"),
+        );
+        for i in 0..batch.num_rows() {
+            rows.push((key[i], start[i], n[i], total[i]));
+        }
+    }
+    rows
+}
+
+/// The committed output of a sink directory; files are immutable once committed, so each is
+/// read once.
+#[derive(Default)]
+struct Committed {
+    files: HashMap<PathBuf, Vec<WindowRow>>,
+}
+
+impl Committed {
+    /// Every committed row, sorted; fails the test at once if a window appears twice.
+    fn rows(&mut self, dir: &Path) -> Vec<WindowRow> {
+        for file in committed_files(dir) {
+            if !self.files.contains_key(&file) {
+                let rows = parquet_windows(&file);
+                self.files.insert(file, rows);
+            }
+        }
+        let mut rows: Vec<WindowRow> = self.files.values().flatten().copied().collect();
+        rows.sort();
+        for pair in rows.windows(2) {
+            assert!(
+                (pair[0].0, pair[0].1) != (pair[1].0, pair[1].1),
+                "window (key {}, start {}) committed twice: {:?} and {:?}",
+                pair[0].0,
+                pair[0].1,
+                pair[0],
+                pair[1]
+            );
+        }
+        rows
+    }
+}
+
+/// Waits until the committed files hold exactly `want` (sorted), failing at once on a
+/// duplicate window or a row that is not in `want`.
+async fn wait_for_committed(dir: &Path, want: &[WindowRow]) {
+    let committed = std::sync::Mutex::new(Committed::default());
+    poll_until("every window to be committed", || {
+        let rows = committed.lock().expect("not poisoned").rows(dir);
+        for row in &rows {
+            assert!(
+                want.binary_search(row).is_ok(),
+                "committed row {row:?} is not an expected window (a wrong count or sum)"
+            );
+        }
+        async move { (rows.as_slice() == want).then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until the view has read the closing event: its source's watermark passed every
+/// other event's window.
+async fn wait_for_closing_event(client: &Client) {
+    let closed = chrono::DateTime::from_timestamp_millis(CLOSING_MS - 60_000)
+        .expect("a valid time")
+        .naive_utc()
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let sql = format!(
+        "SELECT count(*) FROM weir_source_stats WHERE source = 'src' AND watermark > TIMESTAMP '{closed}'"
+    );
+    poll_until("the view to read the closing event", || async {
+        (simple_value(client, &sql).await == "1").then_some(())
+    })
+    .await;
+}
+
+/// How a kill is timed once its trigger holds.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// At once.
+    Now,
+    /// After a random 0–300 ms (fault-injection timing).
+    Jittered,
+    /// With a `CHECKPOINT` statement sent on a spawned task and not waited for (killed 0–20 ms
+    /// after sending).
+    DuringCheckpoint,
+    /// Right after the sink committed a new file in this process.
+    AfterCommit,
+}
+
+/// What must hold before a kill.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    /// The RabbitMQ ingest of this process appended this many messages.
+    Appended(u64),
+    /// The producer had this many messages accepted, counted from the test's start.
+    Published(u64),
+}
+
+/// The binary, killed and restarted over the same data directory.
+struct Crashing {
+    data: PathBuf,
+    log: PathBuf,
+    server: Option<BinaryServer>,
+    client: Client,
+    /// Tells a producer publishing through pgwire where the current server listens.
+    addr: watch::Sender<SocketAddr>,
+}
+
+impl Crashing {
+    async fn start(data: PathBuf, log: PathBuf) -> Crashing {
+        let server = BinaryServer::start_with(&data, &log, SERVER_ARGS).await;
+        let client = server.connect().await;
+        let (addr, _) = watch::channel(server.pg_addr());
+        Crashing {
+            data,
+            log,
+            server: Some(server),
+            client,
+            addr,
+        }
+    }
+
+    fn server(&self) -> &BinaryServer {
+        self.server.as_ref().expect("a running server")
+    }
+
+    /// Messages the RabbitMQ ingest appended in this process.
+    async fn appended(&self) -> u64 {
+        simple_value(
+            &self.client,
+            "SELECT coalesce(appended, 0) FROM weir_sources WHERE source = 'src'",
+        )
+        .await
+        .parse()
+        .expect("a count")
+    }
+
+    async fn wait_for(&self, trigger: Trigger, published: &AtomicU64) {
+        match trigger {
+            Trigger::Appended(n) => {
+                poll_until(&format!("{n} messages appended"), || async {
+                    (self.appended().await >= n).then_some(())
+                })
+                .await
+            }
+            Trigger::Published(n) => {
+                poll_until(&format!("{n} messages published"), || async {
+                    (published.load(Ordering::Relaxed) >= n).then_some(())
+                })
+                .await
+            }
+        }
+    }
+
+    /// Kills the server as `kill` says, starts it again and reconnects.
+    async fn kill_and_restart(&mut self, kill: Kill, sink_dir: &Path) -> String {
+        let server = self.server.take().expect("a running server");
+        let mut note = String::new();
+        match kill {
+            Kill::Now => server.kill9().await,
+            Kill::Jittered => {
+                let ms = rand::random_range(0..=300);
+                note = format!("{ms} ms after the trigger");
+                tokio::time::sleep(Duration::from_millis(ms)).await; // fault-injection timing
+                server.kill9().await;
+            }
+            Kill::DuringCheckpoint => {
+                let client = server.connect().await;
+                let checkpoint = tokio::spawn(async move {
+                    let reply = client.batch_execute("CHECKPOINT").await;
+                    drop(client);
+                    reply
+                });
+                let ms = rand::random_range(0..=20);
+                tokio::time::sleep(Duration::from_millis(ms)).await; // fault-injection timing
+                server.kill9().await;
+                let reply = within("the CHECKPOINT task", checkpoint)
+                    .await
+                    .expect("the CHECKPOINT task");
+                note = match reply {
+                    Ok(()) => format!("{ms} ms after CHECKPOINT; it had answered"),
+                    Err(e) => format!("{ms} ms after CHECKPOINT; no answer ({e})"),
+                };
+            }
+            Kill::AfterCommit => {
+                let before = committed_files(sink_dir).len();
+                poll_until("the sink to commit a new file", || async {
+                    (committed_files(sink_dir).len() > before).then_some(())
+                })
+                .await;
+                server.kill9().await;
+            }
+        }
+        let server = BinaryServer::start_with(&self.data, &self.log, SERVER_ARGS).await;
+        self.client = server.connect().await;
+        self.addr.send_replace(server.pg_addr());
+        self.server = Some(server);
+        note
+    }
+
+    /// Runs `plan`, printing when each kill happened.
+    async fn crash(&mut self, test: &str, plan: &[(Trigger, Kill)], published: &AtomicU64, sink: &Path) {
+        for (i, (trigger, kill)) in plan.iter().enumerate() {
+            self.wait_for(*trigger, published).await;
+            let appended = self.appended().await;
+            let sent = published.load(Ordering::Relaxed);
+            let started = Instant::now();
+            let note = self.kill_and_restart(*kill, sink).await;
+            eprintln!(
+                "{test}: kill -9 #{} ({kill:?} at {trigger:?}; {note}) with {appended} appended \
+                 in that process, {sent} published; restarted in {:?}",
+                i + 1,
+                started.elapsed()
+            );
+        }
+    }
+
+    /// Stops the server gracefully and checks its log.
+    async fn finish(mut self) {
+        let server = self.server.take().expect("a running server");
+        drop(self.client);
+        let status = server.stop().await;
+        assert!(status.success(), "weir should exit cleanly, got {status}");
+        assert_no_panics(&self.log);
+        assert_no_error_lines(&self.log);
+    }
+}
+
+/// (a) and (c): a RabbitMQ queue (classic or stream) fed by a confirming producer while the
+/// server is killed as `plan` says; the committed files must hold exactly the windows of
+/// `events` events.
+async fn rabbitmq_crash_run(test: &str, mode: &str, events: u64, plan: &[(Trigger, Kill)]) {
+    let started = Instant::now();
+    let Some((connection, channel)) = rabbitmq(test).await else {
+        return;
+    };
+    let queue = unique(mode);
+    let _guard = QueueGuard(queue.clone());
+    let (dir, log) = temp_dir_with_log();
+    let sink_dir = dir.path().join("out");
+    let mut weir = Crashing::start(dir.path().join("data"), log).await;
+    let start = if mode == "stream" {
+        ", start = 'first'"
+    } else {
+        ""
+    };
+    let with = format!(
+        "connector = 'rabbitmq', url = '{AMQP_URL}', queue = '{queue}', declare = 'true', \
+         mode = '{mode}', prefetch = '1000'{start}"
+    );
+    run(&weir.client, &source_sql(&with, 1)).await;
+    run(&weir.client, VIEW_SQL).await;
+    run(&weir.client, &sink_sql(&sink_dir)).await;
+
+    // CREATE SOURCE declared the queue: the producer may start.
+    let published = Arc::new(AtomicU64::new(0));
+    let producer = tokio::spawn(publish_events(
+        channel,
+        queue.clone(),
+        events,
+        published.clone(),
+    ));
+    weir.crash(test, plan, &published, &sink_dir).await;
+    let channel = within("the producer to finish", producer)
+        .await
+        .expect("the producer task");
+    let produced_at = started.elapsed();
+    confirmed(publish(&channel, &queue, closing_event_json(events).as_bytes()).await).await;
+
+    let want = expected_windows(events);
+    wait_for_closing_event(&weir.client).await;
+    let read_at = started.elapsed();
+    wait_for_committed(&sink_dir, &want).await;
+    let committed_at = started.elapsed();
+    // The source's log holds every event once (the closing one too).
+    let counts = simple_value(
+        &weir.client,
+        "SELECT count(*) || '/' || count(DISTINCT id) FROM src",
+    )
+    .await;
+    assert_eq!(counts, format!("{0}/{0}", events + 1), "messages in the source's log");
+    eprintln!(
+        "{test}: {events} events, {} windows; producer done at {produced_at:?}, \
+         view read every event at {read_at:?}, every window committed at {committed_at:?}",
+        want.len()
+    );
+    weir.finish().await;
+    let _ = connection.close(200, "OK".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_queue_to_parquet_exactly_once_across_kill_9() {
+    const EVENTS: u64 = 200_000;
+    rabbitmq_crash_run(
+        "rabbitmq_queue_to_parquet_exactly_once_across_kill_9",
+        "queue",
+        EVENTS,
+        &[
+            (Trigger::Appended(EVENTS / 10), Kill::Now),
+            (Trigger::Appended(EVENTS / 8), Kill::DuringCheckpoint),
+            (Trigger::Appended(EVENTS / 6), Kill::Jittered),
+            (Trigger::Appended(EVENTS / 20), Kill::AfterCommit),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_stream_to_parquet_exactly_once_across_kill_9() {
+    const EVENTS: u64 = 100_000;
+    rabbitmq_crash_run(
+        "rabbitmq_stream_to_parquet_exactly_once_across_kill_9",
+        "stream",
+        EVENTS,
+        &[
+            (Trigger::Appended(EVENTS / 8), Kill::DuringCheckpoint),
+            (Trigger::Appended(EVENTS / 5), Kill::Now),
+            (Trigger::Appended(EVENTS / 10), Kill::Jittered),
+        ],
+    )
+    .await;
+}
