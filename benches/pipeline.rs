@@ -1,2 +1,1234 @@
-//! placeholder while the bench is written
-fn main() {}
+//! `cargo bench --bench pipeline -- [flags]`: what checkpoints cost, and the RabbitMQ → window →
+//! Parquet pipeline with checkpoints on and off. Method and results: `docs/benchmarks.md`.
+//!
+//! Two parts, each run `--runs` times on a fresh data directory (under `/var/tmp`, the disk
+//! RabbitMQ writes to) and, for part 2, a fresh randomly named queue; medians are reported.
+//! Within a run the configurations are measured one after the other, so each ratio compares
+//! numbers of the same run.
+//!
+//! 1. *checkpoint*: `--events` JSON events over `--keys` distinct keys are published to a
+//!    built-in source's topic (not timed); then `CREATE MATERIALIZED VIEW` (count and sum per
+//!    key, an updating view) + `FLUSH` is timed with checkpoints effectively off (interval 1 h)
+//!    and with `SET checkpoint_interval = '1s'`. Then a `CHECKPOINT` statement is timed at that
+//!    state, and its duration and bytes are read from `weir_checkpoints`; beside it, writing and
+//!    fsyncing a file of the same size on the same disk.
+//! 2. *rabbitmq*: a durable queue is filled with `--rabbit-events` persistent JSON events, with
+//!    publisher confirms (not timed). Timed: `CREATE SOURCE` (rabbitmq) + an `EMIT ON WINDOW
+//!    CLOSE` TUMBLE(1 s) view + a Parquet sink, until the sink has written every window (a
+//!    deadline poll of `weir_sinks`), then `CHECKPOINT` so every file is committed; with the
+//!    interval 1 h and 1 s. Baselines: lapin alone draining as many pre-filled messages (consume,
+//!    `basic.ack` multiple per batch), and DataFusion's batch query over the decoded rows.
+//!
+//! Output: Markdown tables on stdout, progress on stderr. Nothing is written into the repository,
+//! and every queue the bench declares is deleted before it moves on. If RabbitMQ does not answer,
+//! part 2 is skipped (exit 0), unless `WEIR_REQUIRE_BROKERS=1`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit};
+use bytes::Bytes;
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
+};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use weir::engine::{Message, Output, Session, Weir, WeirConfig};
+use weir::format::decode::{RowDecoder, SourceFormat};
+use weir::plan::window::WindowFunction;
+
+const USAGE: &str = "\
+usage: cargo bench --bench pipeline -- [--runs R] [--events N] [--keys LIST]
+                                       [--rabbit-events N] [--rabbit-keys K]
+                                       [--parts checkpoint,rabbitmq]
+  --runs R           runs per measurement; medians are reported (default 3)
+  --events N         events of part 1 (default 2000000)
+  --keys LIST        distinct keys of part 1, one measurement each (default 100000,1000000)
+  --rabbit-events N  events pre-filled into the queue in part 2 (default 500000)
+  --rabbit-keys K    distinct keys in part 2 (default 1000)
+  --parts LIST       checkpoint (part 1), rabbitmq (part 2); default both
+environment:
+  WEIR_BENCH_AMQP       RabbitMQ URI (default amqp://guest:guest@127.0.0.1:5672/%2f)
+  WEIR_REQUIRE_BROKERS  =1: fail instead of skipping part 2 when RabbitMQ does not answer";
+
+const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Where data directories go: a real disk (not tmpfs), the one /var/lib/rabbitmq is on.
+const DATA_PARENT: &str = "/var/tmp";
+/// "Checkpoints off": longer than any run, so only the explicit `CHECKPOINT` takes one.
+const INTERVAL_OFF: Duration = Duration::from_secs(3600);
+/// "Checkpoints on", as `SET checkpoint_interval` takes it.
+const INTERVAL_ON: &str = "1s";
+/// Messages per `Weir::publish` call while filling part 1's topic (one fsync each).
+const PUBLISH_CHUNK: usize = 10_000;
+/// RabbitMQ publishes in flight before the filler waits for the oldest confirm.
+const CONFIRMS_IN_FLIGHT_MAX: usize = 1000;
+/// The source's and the lapin baseline's prefetch, and so their largest batch.
+const PREFETCH: u16 = 1000;
+/// How often the pipeline's progress is polled (each poll is a query of two system relations).
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// A pipeline run, a queue fill or a drain that takes longer is declared broken.
+const RUN_DEADLINE: Duration = Duration::from_secs(900);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// 2026-01-01 00:00:00 UTC in epoch milliseconds: part 2's event `i` happens at
+/// `BASE_MS + i / EVENTS_PER_MS`.
+const BASE_MS: i64 = 1_767_225_600_000;
+/// 10,000 events per second of event time.
+const EVENTS_PER_MS: u64 = 10;
+/// The last event of part 2: far past every other event, so every window before it closes.
+const CLOSING_MS: i64 = BASE_MS + 100_000_000;
+
+const VIEW_SQL: &str = "CREATE MATERIALIZED VIEW per_key AS \
+     SELECT k, count(*) AS n, sum(v) AS total FROM src GROUP BY k";
+
+const WINDOW_QUERY: &str = "SELECT k, window_start, count(*) AS n, sum(v) AS total \
+     FROM TUMBLE(src, ts, INTERVAL '1' SECOND) GROUP BY k, window_start, window_end";
+
+struct Options {
+    runs: usize,
+    events: usize,
+    keys: Vec<usize>,
+    rabbit_events: usize,
+    rabbit_keys: usize,
+    checkpoint_part: bool,
+    rabbitmq_part: bool,
+    amqp_uri: String,
+    require_brokers: bool,
+}
+
+fn parse_options() -> Result<Options> {
+    let mut options = Options {
+        runs: 3,
+        events: 2_000_000,
+        keys: vec![100_000, 1_000_000],
+        rabbit_events: 500_000,
+        rabbit_keys: 1000,
+        checkpoint_part: true,
+        rabbitmq_part: true,
+        amqp_uri: std::env::var("WEIR_BENCH_AMQP").unwrap_or_else(|_| DEFAULT_AMQP_URI.into()),
+        require_brokers: std::env::var("WEIR_REQUIRE_BROKERS").is_ok_and(|v| v == "1"),
+    };
+    let positive = |name: &str, value: String| -> Result<usize> {
+        match value.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("{name} must be a positive whole number, not {value:?}\n{USAGE}"),
+        }
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            // `cargo bench` passes --bench to every bench binary.
+            "--bench" => {}
+            "--runs" => options.runs = positive("--runs", value()?)?,
+            "--events" => options.events = positive("--events", value()?)?,
+            "--keys" => {
+                options.keys = value()?
+                    .split(',')
+                    .map(|k| positive("--keys", k.trim().to_string()))
+                    .collect::<Result<_>>()?;
+            }
+            "--rabbit-events" => options.rabbit_events = positive("--rabbit-events", value()?)?,
+            "--rabbit-keys" => options.rabbit_keys = positive("--rabbit-keys", value()?)?,
+            "--parts" => {
+                let parts = value()?;
+                options.checkpoint_part = false;
+                options.rabbitmq_part = false;
+                for part in parts.split(',') {
+                    match part.trim() {
+                        "checkpoint" => options.checkpoint_part = true,
+                        "rabbitmq" => options.rabbitmq_part = true,
+                        other => bail!("unknown part {other:?}\n{USAGE}"),
+                    }
+                }
+            }
+            "-h" | "--help" => bail!("{USAGE}"),
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    Ok(options)
+}
+
+/// Process CPU time (user + system) from /proc/self/stat.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Fields after the command: state is 0, utime is 11, stime 12 (clock ticks of 1/100 s).
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Threads of this process: a run that leaves its dataflows or ingest behind shows here.
+fn threads() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Wall and CPU time of a timed part.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+}
+
+struct Stopwatch {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Stopwatch {
+    fn start() -> Stopwatch {
+        Stopwatch {
+            wall: Instant::now(),
+            cpu: cpu_time(),
+        }
+    }
+
+    fn sample(&self) -> Sample {
+        Sample {
+            wall: self.wall.elapsed(),
+            cpu: cpu_time().saturating_sub(self.cpu),
+        }
+    }
+}
+
+fn median_f64(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn list(values: impl IntoIterator<Item = f64>, precision: usize) -> String {
+    values
+        .into_iter()
+        .map(|v| format!("{v:.precision$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn query(session: &mut Session, sql: &str) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::new();
+    for statement in session.parse(sql)? {
+        let prepared = session.prepare(statement, sql).await?;
+        if let Output::Rows { stream, .. } = session.execute(&prepared, None).await? {
+            out.extend(stream.try_collect::<Vec<_>>().await?);
+        }
+    }
+    Ok(out)
+}
+
+async fn run_sql(session: &mut Session, sql: &str) -> Result<()> {
+    query(session, sql)
+        .await
+        .with_context(|| format!("running {sql}"))?;
+    Ok(())
+}
+
+/// The first row's columns as BIGINT (NULL as `None`); no row: an empty vector.
+async fn first_row(session: &mut Session, sql: &str) -> Result<Vec<Option<i64>>> {
+    let batches = query(session, sql)
+        .await
+        .with_context(|| format!("running {sql}"))?;
+    let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(Vec::new());
+    };
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let c = cast(c, &DataType::Int64)?;
+            let c = c.as_primitive::<Int64Type>();
+            Ok((!c.is_null(0)).then(|| c.value(0)))
+        })
+        .collect()
+}
+
+async fn first_text(session: &mut Session, sql: &str) -> Result<Option<String>> {
+    let batches = query(session, sql)
+        .await
+        .with_context(|| format!("running {sql}"))?;
+    let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(None);
+    };
+    let c = cast(batch.column(0), &DataType::Utf8)?;
+    let c = c.as_string::<i32>();
+    Ok((!c.is_null(0)).then(|| c.value(0).to_string()))
+}
+
+async fn open_weir(dir: &Path) -> Result<Weir> {
+    let mut config = WeirConfig::new(dir);
+    config.checkpoint_interval = INTERVAL_OFF;
+    Ok(Weir::open(config).await?)
+}
+
+fn data_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(DATA_PARENT)?)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Checkpoints {
+    /// The server's interval, 1 h: no checkpoint happens during the run.
+    Off,
+    /// `SET checkpoint_interval = '1s'` before the view (and sink) is created.
+    On,
+}
+
+impl Checkpoints {
+    fn label(self) -> &'static str {
+        match self {
+            Checkpoints::Off => "interval 1 h (off)",
+            Checkpoints::On => "interval 1 s",
+        }
+    }
+
+    async fn apply(self, session: &mut Session) -> Result<()> {
+        if self == Checkpoints::On {
+            run_sql(
+                session,
+                &format!("SET checkpoint_interval = '{INTERVAL_ON}'"),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 1: checkpoint cost over an updating view with many keys.
+
+/// Event `i` of part 1: key `(i mod keys) * KEY_STRIDE mod keys`, a permutation of
+/// `0..keys` when the stride is coprime with `keys` (checked), so every key gets
+/// `events / keys` events, spread over the stream rather than in key order.
+fn keyed_event(i: u64, keys: u64) -> String {
+    format!(
+        r#"{{"k":{},"v":{}}}"#,
+        (i % keys) * KEY_STRIDE % keys,
+        i % 97
+    )
+}
+
+const KEY_STRIDE: u64 = 2_654_435_761;
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+struct CheckpointRun {
+    /// `CREATE MATERIALIZED VIEW` + `FLUSH`.
+    backfill: Sample,
+    /// Checkpoints the view took during the backfill (its last epoch before `CHECKPOINT`).
+    backfill_checkpoints: u64,
+    /// Their total `duration_ms`, as far as `weir_checkpoints` keeps them (the newest 32).
+    backfill_checkpoint_ms: u64,
+    /// The `CHECKPOINT` statement's wall time.
+    statement: Duration,
+    /// Its checkpoint's `duration_ms` and `bytes` from `weir_checkpoints`.
+    duration_ms: u64,
+    bytes: u64,
+}
+
+/// One run of part 1: a fresh data directory, the events published, the view timed.
+async fn checkpoint_run(
+    events: usize,
+    keys: usize,
+    mode: Checkpoints,
+    lines: &[Bytes],
+) -> Result<CheckpointRun> {
+    let dir = data_dir("weir-bench-ckpt-")?;
+    let weir = open_weir(dir.path()).await?;
+    let mut session = weir.session();
+    run_sql(
+        &mut session,
+        "CREATE SOURCE src (k BIGINT, v BIGINT) \
+         WITH (connector = 'builtin', topic = 'events') FORMAT JSON",
+    )
+    .await?;
+    for chunk in lines.chunks(PUBLISH_CHUNK) {
+        let messages = chunk
+            .iter()
+            .map(|payload| Message {
+                key: None,
+                payload: payload.clone(),
+                headers: Vec::new(),
+            })
+            .collect();
+        weir.publish("events", messages).await?;
+    }
+    run_sql(&mut session, "FLUSH").await?;
+    mode.apply(&mut session).await?;
+
+    let clock = Stopwatch::start();
+    run_sql(&mut session, VIEW_SQL).await?;
+    run_sql(&mut session, "FLUSH").await?;
+    let backfill = clock.sample();
+
+    let check = first_row(&mut session, "SELECT count(*), sum(n) FROM per_key").await?;
+    if check != [Some(keys as i64), Some(events as i64)] {
+        bail!("the view holds {check:?} (groups, events), not {keys} groups of {events} events");
+    }
+    let during = first_row(
+        &mut session,
+        "SELECT max(epoch), sum(duration_ms) FROM weir_checkpoints WHERE dataflow = 'per_key'",
+    )
+    .await?;
+    let backfill_checkpoints = during.first().copied().flatten().unwrap_or(0) as u64;
+    let backfill_checkpoint_ms = during.get(1).copied().flatten().unwrap_or(0) as u64;
+
+    let started = Instant::now();
+    run_sql(&mut session, "CHECKPOINT").await?;
+    let statement = started.elapsed();
+    let last = first_row(
+        &mut session,
+        "SELECT epoch, duration_ms, bytes FROM weir_checkpoints \
+         WHERE dataflow = 'per_key' ORDER BY epoch DESC LIMIT 1",
+    )
+    .await?;
+    let [Some(epoch), Some(duration_ms), Some(bytes)] = last[..] else {
+        bail!("weir_checkpoints has no checkpoint of per_key after CHECKPOINT ({last:?})");
+    };
+    if epoch as u64 != backfill_checkpoints + 1 {
+        bail!(
+            "CHECKPOINT made epoch {epoch}, expected {}",
+            backfill_checkpoints + 1
+        );
+    }
+    // Stop the dataflow before the data directory goes.
+    run_sql(&mut session, "DROP MATERIALIZED VIEW per_key").await?;
+    run_sql(&mut session, "DROP SOURCE src").await?;
+    drop(session);
+    drop(weir);
+    Ok(CheckpointRun {
+        backfill,
+        backfill_checkpoints,
+        backfill_checkpoint_ms,
+        statement,
+        duration_ms: duration_ms as u64,
+        bytes: bytes as u64,
+    })
+}
+
+/// Writes `bytes` bytes to a new file on the data disk and fsyncs it (and its directory): the
+/// I/O a checkpoint of that size cannot avoid.
+fn write_and_sync(bytes: u64) -> Result<Duration> {
+    use std::io::Write;
+    let dir = data_dir("weir-bench-fsync-")?;
+    let data = vec![0x5a_u8; bytes as usize];
+    let started = Instant::now();
+    let path = dir.path().join("state");
+    let mut file = std::fs::File::create(&path)?;
+    file.write_all(&data)?;
+    file.sync_all()?;
+    std::fs::File::open(dir.path())?.sync_all()?;
+    Ok(started.elapsed())
+}
+
+/// DataFusion over the decoded rows of part 1: the view's query as one batch query.
+async fn batch_group_by(batches: &[RecordBatch]) -> Result<u64> {
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .context("no decoded rows")?;
+    let ctx = SessionContext::new();
+    ctx.register_table(
+        "src",
+        Arc::new(MemTable::try_new(schema, vec![batches.to_vec()])?),
+    )?;
+    let out = ctx
+        .sql("SELECT k, count(*) AS n, sum(v) AS total FROM src GROUP BY k")
+        .await?
+        .collect()
+        .await?;
+    Ok(out.iter().map(|b| b.num_rows() as u64).sum())
+}
+
+fn decode(schema: Arc<Schema>, required: Vec<usize>, lines: &[Bytes]) -> Result<Vec<RecordBatch>> {
+    let decoder = RowDecoder::try_new(SourceFormat::Json, schema, required)?;
+    let mut out = Vec::new();
+    for chunk in lines.chunks(4096) {
+        let refs: Vec<&[u8]> = chunk.iter().map(|b| b.as_ref()).collect();
+        let decoded = decoder.decode(&refs)?;
+        if !decoded.errors.is_empty() {
+            bail!("undecodable event: {:?}", decoded.errors[0]);
+        }
+        out.push(decoded.rows);
+    }
+    Ok(out)
+}
+
+async fn checkpoint_part(options: &Options) -> Result<()> {
+    let mut rows = Vec::new();
+    for &keys in &options.keys {
+        if gcd(KEY_STRIDE, keys as u64) != 1 {
+            bail!("--keys {keys} shares a factor with the key stride {KEY_STRIDE}");
+        }
+        let lines: Vec<Bytes> = (0..options.events as u64)
+            .map(|i| Bytes::from(keyed_event(i, keys as u64)))
+            .collect();
+        let payload_bytes: usize = lines.iter().map(Bytes::len).sum();
+        eprintln!(
+            "part 1: {} events over {keys} keys, {:.1} MiB of JSON",
+            options.events,
+            payload_bytes as f64 / (1 << 20) as f64
+        );
+        let mut off = Vec::new();
+        let mut on = Vec::new();
+        let mut io = Vec::new();
+        for run in 0..options.runs {
+            // Alternate which configuration goes first, so drift (page cache, the other
+            // builds on this machine) does not always favour the same one.
+            let order = if run % 2 == 0 {
+                [Checkpoints::Off, Checkpoints::On]
+            } else {
+                [Checkpoints::On, Checkpoints::Off]
+            };
+            for mode in order {
+                let r = checkpoint_run(options.events, keys, mode, &lines).await?;
+                eprintln!(
+                    "  {keys} keys, {}, run {run}: backfill {:.2} s ({} checkpoints, {} ms), \
+                     CHECKPOINT {:.0} ms (duration_ms {}, {:.1} MiB); {} threads after",
+                    mode.label(),
+                    r.backfill.wall.as_secs_f64(),
+                    r.backfill_checkpoints,
+                    r.backfill_checkpoint_ms,
+                    r.statement.as_secs_f64() * 1e3,
+                    r.duration_ms,
+                    r.bytes as f64 / (1 << 20) as f64,
+                    threads()
+                );
+                match mode {
+                    Checkpoints::Off => {
+                        io.push(write_and_sync(r.bytes)?);
+                        off.push(r);
+                    }
+                    Checkpoints::On => on.push(r),
+                }
+            }
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let mut batch_runs = Vec::new();
+        for _ in 0..options.runs {
+            let clock = Stopwatch::start();
+            let decoded = decode(schema.clone(), Vec::new(), &lines)?;
+            let groups = batch_group_by(&decoded).await?;
+            if groups != keys as u64 {
+                bail!("DataFusion found {groups} groups, not {keys}");
+            }
+            batch_runs.push(clock.sample());
+        }
+        rows.push((keys, payload_bytes, off, on, io, batch_runs));
+    }
+
+    let n = options.events as f64;
+    let rate = |s: &Sample| n / s.wall.as_secs_f64() / 1e6;
+    let cpu_rate = |s: &Sample| n / s.cpu.as_secs_f64().max(1e-9) / 1e6;
+    println!(
+        "\n### Checkpoint cost: `{}` over {} events\n",
+        VIEW_SQL.trim_start_matches("CREATE MATERIALIZED VIEW per_key AS "),
+        options.events
+    );
+    println!(
+        "| keys | checkpoints | M events/s | M events/CPU-s | checkpoints taken during the backfill | × of off (same run) | M events/s of the runs |"
+    );
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | --- |");
+    for (keys, _, off, on, _, batch) in &rows {
+        let ratios: Vec<f64> = off
+            .iter()
+            .zip(on)
+            .map(|(o, c)| o.backfill.wall.as_secs_f64() / c.backfill.wall.as_secs_f64())
+            .collect();
+        for (mode, runs) in [(Checkpoints::Off, off), (Checkpoints::On, on)] {
+            let ratio = match mode {
+                Checkpoints::Off => "1".to_string(),
+                Checkpoints::On => format!(
+                    "{:.2} ({})",
+                    median_f64(ratios.clone()),
+                    list(ratios.clone(), 2)
+                ),
+            };
+            println!(
+                "| {keys} | {} | {:.2} | {:.2} | {} | {ratio} | {} |",
+                mode.label(),
+                median_f64(runs.iter().map(|r| rate(&r.backfill))),
+                median_f64(runs.iter().map(|r| cpu_rate(&r.backfill))),
+                list(runs.iter().map(|r| r.backfill_checkpoints as f64), 0),
+                list(runs.iter().map(|r| rate(&r.backfill)), 2),
+            );
+        }
+        println!(
+            "| {keys} | DataFusion batch (decode + GROUP BY) | {:.2} | {:.2} | | | {} |",
+            median_f64(batch.iter().map(rate)),
+            median_f64(batch.iter().map(cpu_rate)),
+            list(batch.iter().map(rate), 2),
+        );
+    }
+    println!(
+        "\n| keys | `CHECKPOINT` wall ms | `duration_ms` | state MiB | write + fsync of as many bytes, ms | MB/s of the checkpoint | `CHECKPOINT` ms of the runs (after off, after on) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+    for (keys, _, off, on, io, _) in &rows {
+        let all: Vec<&CheckpointRun> = off.iter().chain(on).collect();
+        let wall = median_f64(all.iter().map(|r| r.statement.as_secs_f64() * 1e3));
+        let duration = median_f64(all.iter().map(|r| r.duration_ms as f64));
+        let bytes = median_f64(all.iter().map(|r| r.bytes as f64));
+        println!(
+            "| {keys} | {wall:.0} | {duration:.0} | {:.1} | {:.1} | {:.0} | {}; {} |",
+            bytes / (1 << 20) as f64,
+            median_f64(io.iter().map(|d| d.as_secs_f64() * 1e3)),
+            bytes / 1e6 / (duration.max(1.0) / 1e3),
+            list(off.iter().map(|r| r.statement.as_secs_f64() * 1e3), 0),
+            list(on.iter().map(|r| r.statement.as_secs_f64() * 1e3), 0),
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 2: RabbitMQ → TUMBLE(1 s) EOWC → Parquet.
+
+/// Event `i` of part 2: key `i % keys`, 10 events per millisecond of event time.
+fn timed_event(i: u64, keys: u64) -> String {
+    format!(
+        r#"{{"k":{},"v":{},"ts":{}}}"#,
+        i % keys,
+        i % 97,
+        BASE_MS + (i / EVENTS_PER_MS) as i64
+    )
+}
+
+fn closing_event() -> String {
+    format!(r#"{{"k":0,"v":0,"ts":{CLOSING_MS}}}"#)
+}
+
+/// The windows the view must emit for events `0..events`: `(key, window start)` pairs.
+fn expected_windows(events: u64, keys: u64) -> usize {
+    let mut windows = HashSet::new();
+    for i in 0..events {
+        let ts = BASE_MS + (i / EVENTS_PER_MS) as i64;
+        windows.insert((i % keys, ts - ts.rem_euclid(1000)));
+    }
+    windows.len()
+}
+
+fn queue_name() -> String {
+    format!("weir_bench_pipeline_{:08x}", rand::random::<u32>())
+}
+
+async fn amqp_connect(uri: &str) -> Result<Connection> {
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect(uri, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow!("no answer within {CONNECT_TIMEOUT:?}"))?
+    .map_err(|e| anyhow!("{e}"))
+}
+
+async fn confirmed(confirm: PublisherConfirm) -> Result<()> {
+    match confirm.await? {
+        Confirmation::Ack(None) => Ok(()),
+        other => bail!("RabbitMQ did not take a message: {other:?}"),
+    }
+}
+
+/// Declares `queue` (durable, classic) and fills it with `lines`, persistent, each confirmed.
+async fn fill_queue(connection: &Connection, queue: &str, lines: &[Bytes]) -> Result<()> {
+    let channel: Channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut in_flight = std::collections::VecDeque::with_capacity(CONFIRMS_IN_FLIGHT_MAX);
+    for line in lines {
+        if in_flight.len() == CONFIRMS_IN_FLIGHT_MAX {
+            confirmed(in_flight.pop_front().context("a publish in flight")?).await?;
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                line,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        in_flight.push_back(confirm);
+    }
+    for confirm in in_flight {
+        confirmed(confirm).await?;
+    }
+    channel.close(200, "OK".into()).await?;
+    Ok(())
+}
+
+async fn delete_queue(connection: &Connection, queue: &str) {
+    let deleted = async {
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+        channel.close(200, "OK".into()).await?;
+        Ok::<_, lapin::Error>(())
+    };
+    if let Err(e) = deleted.await {
+        eprintln!("could not delete RabbitMQ queue {queue}: {e}");
+    }
+}
+
+/// Runs `f` over a fresh queue filled with `lines` (not timed), deleting the queue afterwards
+/// whatever `f` returned.
+async fn with_filled_queue<T>(
+    connection: &Connection,
+    lines: &[Bytes],
+    f: impl AsyncFnOnce(&str) -> Result<T>,
+) -> Result<T> {
+    let queue = queue_name();
+    let filled = tokio::time::timeout(RUN_DEADLINE, fill_queue(connection, &queue, lines))
+        .await
+        .map_err(|_| anyhow!("filling {queue} took longer than {RUN_DEADLINE:?}"));
+    let result = match filled {
+        Ok(Ok(())) => f(&queue).await,
+        Ok(Err(e)) | Err(e) => Err(e),
+    };
+    delete_queue(connection, &queue).await;
+    result
+}
+
+/// lapin alone: drain `count` pre-filled messages (batches of up to the prefetch, one
+/// `basic.ack` multiple per batch, as Weir's ingest does), then one `basic.qos` round trip so
+/// the last ack has reached the broker. Returns the time and the payload bytes read.
+async fn lapin_drain(uri: &str, queue: &str, count: usize) -> Result<(Sample, u64)> {
+    let clock = Stopwatch::start();
+    let connection = amqp_connect(uri).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + RUN_DEADLINE;
+    let (mut received, mut bytes) = (0usize, 0u64);
+    while received < count {
+        let first = tokio::time::timeout_at(deadline, consumer.next())
+            .await
+            .map_err(|_| anyhow!("drained {received} of {count} before the deadline"))?
+            .context("the consumer ended")??;
+        let mut last_tag = first.delivery_tag;
+        received += 1;
+        bytes += first.data.len() as u64;
+        while received < count {
+            match consumer.next().now_or_never() {
+                Some(Some(delivery)) => {
+                    let delivery = delivery?;
+                    last_tag = delivery.delivery_tag;
+                    received += 1;
+                    bytes += delivery.data.len() as u64;
+                }
+                Some(None) => bail!("the consumer ended"),
+                None => break,
+            }
+        }
+        channel
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let sample = clock.sample();
+    channel.close(200, "OK".into()).await?;
+    connection.close(200, "OK".into()).await?;
+    Ok((sample, bytes))
+}
+
+struct PipelineRun {
+    /// `CREATE SOURCE` to the `CHECKPOINT` that commits the last files.
+    total: Sample,
+    /// `CREATE SOURCE` until the source had appended (and acknowledged) every message.
+    ingested: Duration,
+    /// `CREATE SOURCE` until the sink had written every window.
+    written: Duration,
+    /// The final `CHECKPOINT` statement.
+    final_checkpoint: Duration,
+    /// Checkpoints the sink took (its last epoch), and the median `duration_ms` of those
+    /// `weir_checkpoints` keeps.
+    sink_checkpoints: u64,
+    sink_checkpoint_ms: f64,
+    /// Parquet files committed.
+    files: usize,
+}
+
+/// Every committed `.parquet` file under `dir` (not the `_weir_staging` area).
+fn committed_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.file_name().is_some_and(|n| n == "_weir_staging") {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// Rows and the sum of column `n` over the committed files.
+fn committed_rows(dir: &Path) -> Result<(usize, usize, i64)> {
+    let files = committed_files(dir);
+    let (mut rows, mut events) = (0usize, 0i64);
+    for path in &files {
+        let file = std::fs::File::open(path)?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            rows += batch.num_rows();
+            let n = batch
+                .column_by_name("n")
+                .with_context(|| format!("{} has no column n", path.display()))?;
+            let n = cast(n, &DataType::Int64)?;
+            events += n.as_primitive::<Int64Type>().iter().flatten().sum::<i64>();
+        }
+    }
+    Ok((files.len(), rows, events))
+}
+
+/// One run of part 2 over a filled queue.
+async fn pipeline_run(
+    uri: &str,
+    queue: &str,
+    events: usize,
+    windows: usize,
+    mode: Checkpoints,
+) -> Result<PipelineRun> {
+    let dir = data_dir("weir-bench-pipeline-")?;
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out)?;
+    let weir = open_weir(&dir.path().join("data")).await?;
+    let mut session = weir.session();
+    mode.apply(&mut session).await?;
+    let messages = events as i64 + 1;
+
+    let clock = Stopwatch::start();
+    run_sql(
+        &mut session,
+        &format!(
+            "CREATE SOURCE src (k BIGINT, v BIGINT, ts TIMESTAMP, \
+             WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+             WITH (connector = 'rabbitmq', url = '{uri}', queue = '{queue}', declare = 'true', \
+             prefetch = '{PREFETCH}') FORMAT JSON"
+        ),
+    )
+    .await?;
+    run_sql(
+        &mut session,
+        &format!("CREATE MATERIALIZED VIEW per_second AS {WINDOW_QUERY} EMIT ON WINDOW CLOSE"),
+    )
+    .await?;
+    run_sql(
+        &mut session,
+        &format!(
+            "CREATE SINK archive FROM per_second WITH (connector = 'parquet', \
+             path = 'file://{}', rollover = '1s')",
+            out.display()
+        ),
+    )
+    .await?;
+    let deadline = Instant::now() + RUN_DEADLINE;
+    let mut ingested = None;
+    let written = loop {
+        if ingested.is_none() {
+            let appended = first_row(
+                &mut session,
+                "SELECT appended FROM weir_sources WHERE source = 'src'",
+            )
+            .await?;
+            if appended.first().copied().flatten() >= Some(messages) {
+                ingested = Some(clock.wall.elapsed());
+            }
+        }
+        let rows = first_row(
+            &mut session,
+            "SELECT rows FROM weir_sinks WHERE sink = 'archive'",
+        )
+        .await?
+        .first()
+        .copied()
+        .flatten()
+        .unwrap_or(0);
+        if rows >= windows as i64 {
+            break clock.wall.elapsed();
+        }
+        if Instant::now() > deadline {
+            let status = first_text(
+                &mut session,
+                "SELECT status FROM weir_sinks WHERE sink = 'archive'",
+            )
+            .await?;
+            bail!(
+                "after {RUN_DEADLINE:?} the sink wrote {rows} of {windows} windows (status {status:?})"
+            );
+        }
+        for (what, sql) in [
+            (
+                "source",
+                "SELECT status FROM weir_sources WHERE source = 'src'",
+            ),
+            (
+                "sink",
+                "SELECT status FROM weir_sinks WHERE sink = 'archive'",
+            ),
+        ] {
+            if let Some(status) = first_text(&mut session, sql).await?
+                && status.starts_with("stopped")
+            {
+                bail!("the {what} stopped: {status}");
+            }
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    let started = Instant::now();
+    run_sql(&mut session, "CHECKPOINT").await?;
+    let final_checkpoint = started.elapsed();
+    let total = clock.sample();
+    let ingested = ingested.unwrap_or(written);
+
+    let (files, rows, counted) = committed_rows(&out)?;
+    if rows != windows || counted != events as i64 {
+        bail!(
+            "the committed files hold {rows} windows of {counted} events, not {windows} of {events}"
+        );
+    }
+    let sink = first_row(
+        &mut session,
+        "SELECT max(epoch) FROM weir_checkpoints WHERE dataflow = 'archive'",
+    )
+    .await?;
+    let sink_checkpoints = sink.first().copied().flatten().unwrap_or(0) as u64;
+    let durations = query(
+        &mut session,
+        "SELECT duration_ms FROM weir_checkpoints WHERE dataflow = 'archive'",
+    )
+    .await?;
+    let sink_checkpoint_ms = median_f64(durations.iter().flat_map(|b| {
+        let c = cast(b.column(0), &DataType::Int64).expect("duration_ms is BIGINT");
+        c.as_primitive::<Int64Type>()
+            .iter()
+            .flatten()
+            .map(|v| v as f64)
+            .collect::<Vec<_>>()
+    }));
+    // Stop the sink, the view and the ingest (its AMQP consumer) before the queue goes.
+    run_sql(&mut session, "DROP SINK archive").await?;
+    run_sql(&mut session, "DROP MATERIALIZED VIEW per_second").await?;
+    run_sql(&mut session, "DROP SOURCE src").await?;
+    drop(session);
+    drop(weir);
+    Ok(PipelineRun {
+        total,
+        ingested,
+        written,
+        final_checkpoint,
+        sink_checkpoints,
+        sink_checkpoint_ms,
+        files,
+    })
+}
+
+/// DataFusion over the decoded rows of part 2, with Weir's TUMBLE over the same table.
+async fn batch_tumble(batches: &[RecordBatch]) -> Result<u64> {
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .context("no decoded rows")?;
+    let ctx = SessionContext::new();
+    let table: Arc<dyn TableProvider> =
+        Arc::new(MemTable::try_new(schema, vec![batches.to_vec()])?);
+    ctx.register_table("src", table.clone())?;
+    let relations = Arc::new(Mutex::new(HashMap::from([("src".to_string(), table)])));
+    let lookup = Arc::new(move |name: &str| relations.lock().ok()?.get(name).cloned());
+    for (name, function) in WindowFunction::all(lookup) {
+        ctx.register_udtf(&name.to_uppercase(), function);
+    }
+    let out = ctx.sql(WINDOW_QUERY).await?.collect().await?;
+    Ok(out.iter().map(|b| b.num_rows() as u64).sum())
+}
+
+async fn rabbitmq_part(options: &Options) -> Result<()> {
+    let connection = match amqp_connect(&options.amqp_uri).await {
+        Ok(c) => c,
+        Err(e) if options.require_brokers => {
+            bail!(
+                "RabbitMQ at {} did not answer ({e}) and WEIR_REQUIRE_BROKERS=1",
+                options.amqp_uri
+            )
+        }
+        Err(e) => {
+            eprintln!(
+                "skipping part 2 (RabbitMQ → Parquet): RabbitMQ at {} did not answer ({e})",
+                options.amqp_uri
+            );
+            println!(
+                "\nPart 2 skipped: RabbitMQ at {} did not answer ({e}).",
+                options.amqp_uri
+            );
+            return Ok(());
+        }
+    };
+    let (events, keys) = (options.rabbit_events, options.rabbit_keys as u64);
+    let mut lines: Vec<Bytes> = (0..events as u64)
+        .map(|i| Bytes::from(timed_event(i, keys)))
+        .collect();
+    lines.push(Bytes::from(closing_event()));
+    let windows = expected_windows(events as u64, keys);
+    let payload_bytes: usize = lines.iter().map(Bytes::len).sum();
+    eprintln!(
+        "part 2: {events} events (+1 closing) over {keys} keys, {windows} windows, {:.1} MiB",
+        payload_bytes as f64 / (1 << 20) as f64
+    );
+
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    let mut drains = Vec::new();
+    for run in 0..options.runs {
+        let (sample, bytes) = with_filled_queue(&connection, &lines, async |queue: &str| {
+            lapin_drain(&options.amqp_uri, queue, lines.len()).await
+        })
+        .await?;
+        if bytes != payload_bytes as u64 {
+            bail!("lapin drained {bytes} bytes, not {payload_bytes}");
+        }
+        eprintln!(
+            "  lapin drain, run {run}: {:.2} s",
+            sample.wall.as_secs_f64()
+        );
+        drains.push(sample);
+        let order = if run % 2 == 0 {
+            [Checkpoints::Off, Checkpoints::On]
+        } else {
+            [Checkpoints::On, Checkpoints::Off]
+        };
+        for mode in order {
+            let r = with_filled_queue(&connection, &lines, async |queue: &str| {
+                pipeline_run(&options.amqp_uri, queue, events, windows, mode).await
+            })
+            .await?;
+            eprintln!(
+                "  weir, {}, run {run}: {:.2} s (ingested {:.2} s, written {:.2} s, \
+                 CHECKPOINT {:.0} ms, {} sink checkpoints of {:.0} ms, {} files); {} threads after",
+                mode.label(),
+                r.total.wall.as_secs_f64(),
+                r.ingested.as_secs_f64(),
+                r.written.as_secs_f64(),
+                r.final_checkpoint.as_secs_f64() * 1e3,
+                r.sink_checkpoints,
+                r.sink_checkpoint_ms,
+                r.files,
+                threads()
+            );
+            match mode {
+                Checkpoints::Off => off.push(r),
+                Checkpoints::On => on.push(r),
+            }
+        }
+    }
+    let _ = connection.close(200, "OK".into()).await;
+
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, true),
+        Field::new("v", DataType::Int64, true),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), true),
+    ]));
+    let real = &lines[..events];
+    let mut decode_runs = Vec::new();
+    let mut batch_runs = Vec::new();
+    for _ in 0..options.runs {
+        let clock = Stopwatch::start();
+        let decoded = decode(schema.clone(), vec![2], real)?;
+        decode_runs.push(clock.sample());
+        let clock = Stopwatch::start();
+        let groups = batch_tumble(&decoded).await?;
+        batch_runs.push(clock.sample());
+        if groups != windows as u64 {
+            bail!("DataFusion found {groups} windows, not {windows}");
+        }
+    }
+
+    let n = events as f64;
+    let rate = |d: Duration| n / d.as_secs_f64() / 1e3;
+    println!(
+        "\n### RabbitMQ → TUMBLE(1 s) count/sum per key, EOWC → Parquet: {events} events, {keys} keys, {windows} windows\n"
+    );
+    println!(
+        "| what | k events/s | k events/CPU-s (this process) | × of interval 1 h (same run) | seconds of the runs |"
+    );
+    println!("| --- | ---: | ---: | ---: | --- |");
+    let ratios: Vec<f64> = off
+        .iter()
+        .zip(&on)
+        .map(|(o, c)| o.total.wall.as_secs_f64() / c.total.wall.as_secs_f64())
+        .collect();
+    for (mode, runs) in [(Checkpoints::Off, &off), (Checkpoints::On, &on)] {
+        let ratio = match mode {
+            Checkpoints::Off => "1".to_string(),
+            Checkpoints::On => format!(
+                "{:.2} ({})",
+                median_f64(ratios.clone()),
+                list(ratios.clone(), 2)
+            ),
+        };
+        println!(
+            "| Weir, {}: CREATE SOURCE → every window committed | {:.1} | {:.1} | {ratio} | {} |",
+            mode.label(),
+            median_f64(runs.iter().map(|r| rate(r.total.wall))),
+            median_f64(
+                runs.iter()
+                    .map(|r| n / r.total.cpu.as_secs_f64().max(1e-9) / 1e3)
+            ),
+            list(runs.iter().map(|r| r.total.wall.as_secs_f64()), 2),
+        );
+    }
+    println!(
+        "| lapin alone: consume + ack multiple | {:.1} | {:.1} | | {} |",
+        median_f64(drains.iter().map(|s| rate(s.wall))),
+        median_f64(
+            drains
+                .iter()
+                .map(|s| n / s.cpu.as_secs_f64().max(1e-9) / 1e3)
+        ),
+        list(drains.iter().map(|s| s.wall.as_secs_f64()), 2),
+    );
+    println!(
+        "| arrow-json decode alone (Weir's RowDecoder) | {:.1} | {:.1} | | {} |",
+        median_f64(decode_runs.iter().map(|s| rate(s.wall))),
+        median_f64(
+            decode_runs
+                .iter()
+                .map(|s| n / s.cpu.as_secs_f64().max(1e-9) / 1e3)
+        ),
+        list(decode_runs.iter().map(|s| s.wall.as_secs_f64()), 3),
+    );
+    println!(
+        "| DataFusion batch TUMBLE over the decoded rows | {:.1} | {:.1} | | {} |",
+        median_f64(batch_runs.iter().map(|s| rate(s.wall))),
+        median_f64(
+            batch_runs
+                .iter()
+                .map(|s| n / s.cpu.as_secs_f64().max(1e-9) / 1e3)
+        ),
+        list(batch_runs.iter().map(|s| s.wall.as_secs_f64()), 3),
+    );
+    println!(
+        "\n| Weir | ingested s | windows written s | final CHECKPOINT ms | sink checkpoints | sink checkpoint median ms | committed files |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (mode, runs) in [(Checkpoints::Off, &off), (Checkpoints::On, &on)] {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            mode.label(),
+            median_f64(runs.iter().map(|r| r.ingested.as_secs_f64())),
+            median_f64(runs.iter().map(|r| r.written.as_secs_f64())),
+            median_f64(runs.iter().map(|r| r.final_checkpoint.as_secs_f64() * 1e3)),
+            median_f64(runs.iter().map(|r| r.sink_checkpoints as f64)),
+            median_f64(runs.iter().map(|r| r.sink_checkpoint_ms)),
+            median_f64(runs.iter().map(|r| r.files as f64)),
+        );
+    }
+    Ok(())
+}
+
+async fn bench(options: Options) -> Result<()> {
+    if options.checkpoint_part {
+        checkpoint_part(&options).await?;
+    }
+    if options.rabbitmq_part {
+        rabbitmq_part(&options).await?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let options = match parse_options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(bench(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pipeline bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -120,25 +120,32 @@ impl Weir {
     }
 
     /// `CHECKPOINT`: every view and sink takes a checkpoint now; returns when all are
-    /// durable (and sinks have committed them).
+    /// durable (and sinks have committed them). A stopped view's error is reported after
+    /// the others have checkpointed.
     pub async fn checkpoint(&self) -> WeirResult<()> {
+        let mut first_error = None;
+        let mut handles = Vec::new();
         for view in self.open_views() {
-            view.running
-                .flush_handle()
-                .checkpoint()
-                .await
-                .map_err(|e| {
-                    e.with_detail(format!("materialized view \"{}\"", view.relation.name))
-                })?;
+            handles.push((
+                format!("materialized view \"{}\"", view.relation.name),
+                view.running.flush_handle(),
+            ));
         }
         for sink in self.open_sinks() {
-            sink.running
-                .flush_handle()
-                .checkpoint()
-                .await
-                .map_err(|e| e.with_detail(format!("sink \"{}\"", sink.relation.name)))?;
+            handles.push((
+                format!("sink \"{}\"", sink.relation.name),
+                sink.running.flush_handle(),
+            ));
         }
-        Ok(())
+        for (what, handle) in handles {
+            if let Err(e) = handle.checkpoint().await {
+                first_error.get_or_insert(e.with_detail(what));
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -132,6 +132,12 @@ impl RunningServer {
         if let Err(e) = self.weir.sync() {
             tracing::error!(error = %e, "syncing logs at shutdown failed");
         }
+        // A last checkpoint: the next start resumes here, and sinks commit what they hold.
+        match tokio::time::timeout(SHUTDOWN_GRACE, self.weir.checkpoint()).await {
+            Ok(Ok(())) => tracing::info!("checkpointed views and sinks"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "checkpoint at shutdown failed"),
+            Err(_) => tracing::warn!("checkpoint at shutdown took too long; stopping anyway"),
+        }
         tracing::info!("weir stopped");
     }
 }

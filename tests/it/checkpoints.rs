@@ -44,6 +44,13 @@ const VIEWS: &[(&str, &str, &str)] = &[
         "SELECT * FROM hop_updating ORDER BY window_start",
     ),
     (
+        "over_table",
+        "CREATE MATERIALIZED VIEW over_table AS SELECT grp, count(*) AS n, sum(x) AS total, \
+         avg(x) AS mean, min(x) AS low, max(x) AS high, count(DISTINCT x) AS xs \
+         FROM readings GROUP BY grp",
+        "SELECT * FROM over_table ORDER BY grp",
+    ),
+    (
         "sessions",
         "CREATE MATERIALIZED VIEW sessions AS SELECT window_start, window_end, auction, \
          count(*) AS n FROM SESSION(bids, ts, INTERVAL '4' SECOND, auction) \
@@ -51,6 +58,26 @@ const VIEWS: &[(&str, &str, &str)] = &[
         "SELECT * FROM sessions ORDER BY auction, window_start",
     ),
 ];
+
+/// Changes to `readings` for step `i`: inserts, then updates and deletes of earlier rows
+/// (so the view over it retracts: sliding and recomputed aggregates).
+fn table_changes(i: u64) -> String {
+    let mut sql = String::new();
+    for k in 0..20 {
+        let id = i * 20 + k;
+        sql.push_str(&format!(
+            "INSERT INTO readings VALUES ({id}, {}, {});",
+            id % 4,
+            (id * 13) % 17
+        ));
+    }
+    if i > 0 {
+        let old = (i - 1) * 20;
+        sql.push_str(&format!("UPDATE readings SET x = x + 100 WHERE id = {old};"));
+        sql.push_str(&format!("DELETE FROM readings WHERE id = {};", old + 1));
+    }
+    sql
+}
 
 /// Deterministic bids `from..to`: a few auctions, event times mostly rising with some
 /// disorder (so some rows are late), prices repeating (so DISTINCT matters).
@@ -78,6 +105,7 @@ async fn run(client: &Client, sql: &str) {
 
 async fn setup(client: &Client) {
     run(client, SOURCE).await;
+    run(client, "CREATE TABLE readings (id BIGINT PRIMARY KEY, grp BIGINT, x BIGINT)").await;
     run(client, "SET streaming_parallelism = 2").await;
     for (_, create, _) in VIEWS {
         run(client, create).await;
@@ -120,7 +148,9 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
     // Epoch 1 covers the first 300 bids; the next 200 are not checkpointed.
     for client in [&r, &c] {
         run(client, &bids(0, 150)).await;
+        run(client, &table_changes(0)).await;
         run(client, &bids(150, 300)).await;
+        run(client, &table_changes(1)).await;
         run(client, "FLUSH").await;
     }
     run(&c, "CHECKPOINT").await;
@@ -137,6 +167,7 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
     }
     for client in [&r, &c] {
         run(client, &bids(300, 500)).await;
+        run(client, &table_changes(2)).await;
     }
     let before_crash = contents(&r).await;
     assert_same(&contents(&c).await, &before_crash, "before the crash");
@@ -144,7 +175,10 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
 
     let server = BinaryServer::start_with(&data, &log, &args).await;
     let c = server.connect().await;
-    // Views answer from the restored epoch at once, then catch up on the 200 later bids.
+    // Views answer from the restored epoch at once (no FLUSH yet: the checkpoint's 300
+    // bids at least), then catch up on the 200 later bids.
+    let n: i64 = simple_value(&c, "SELECT n FROM overall").await.parse().unwrap();
+    assert!((300..=500).contains(&n), "restored before serving: {n}");
     assert_same(&contents(&c).await, &before_crash, "after kill -9");
     let restored = simple_rows(
         &c,
@@ -162,6 +196,7 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
     // And they go on: more bids, a second crash right after a checkpoint.
     for client in [&r, &c] {
         run(client, &bids(500, 700)).await;
+        run(client, &table_changes(3)).await;
     }
     run(&c, "FLUSH").await;
     run(&c, "CHECKPOINT").await;
@@ -170,6 +205,7 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
     let c = server.connect().await;
     for client in [&r, &c] {
         run(client, &bids(700, 800)).await;
+        run(client, &table_changes(4)).await;
     }
     assert_same(&contents(&c).await, &contents(&r).await, "after the second crash");
     drop(c);

@@ -513,6 +513,7 @@ impl Crashing {
         drop(self.client);
         let status = server.stop().await;
         assert!(status.success(), "weir should exit cleanly, got {status}");
+        let _ = std::fs::copy(&self.log, "/tmp/eo_log.txt"); // TEMP
         assert_no_panics(&self.log);
         assert_no_error_lines(&self.log);
     }
@@ -611,4 +612,28 @@ async fn rabbitmq_stream_to_parquet_exactly_once_across_kill_9() {
         ],
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zz_bench_publish() {
+    let (connection, channel) = rabbitmq("bench").await.unwrap();
+    for (mode, persistent) in [("queue", true), ("queue", false), ("stream", true)] {
+        let queue = unique("bench");
+        let _g = QueueGuard(queue.clone());
+        let mut args = lapin::types::FieldTable::default();
+        if mode == "stream" {
+            args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("stream".into()));
+        }
+        channel.queue_declare(queue.as_str().into(), lapin::options::QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
+        let t = Instant::now();
+        let mut in_flight = VecDeque::new();
+        for n in 0..50_000u64 {
+            if in_flight.len() == 1000 { confirmed(in_flight.pop_front().unwrap()).await; }
+            let c = channel.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, event_json(n).as_bytes(), if persistent { BasicProperties::default().with_delivery_mode(2) } else { BasicProperties::default() }).await.unwrap();
+            in_flight.push_back(c);
+        }
+        for c in in_flight { confirmed(c).await; }
+        eprintln!("{mode} persistent={persistent}: {:?}", t.elapsed());
+    }
+    let _ = connection.close(200, "OK".into()).await;
 }

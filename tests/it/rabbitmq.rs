@@ -525,6 +525,7 @@ async fn stream_source_resumes_after_kill_9_without_loss_or_duplicates() {
     let status = server.stop().await;
     assert!(status.success(), "weir should exit cleanly, got {status}");
     assert_no_panics(&log);
+    let _ = std::fs::copy(&log, format!("/tmp/rabbit_{}.log", rand::random::<u16>())); // TEMP
     assert_no_error_lines(&log);
     broker.cleanup().await;
 }
@@ -604,6 +605,7 @@ async fn queue_source_killed_while_publishing_keeps_every_message_exactly_once()
     let status = server.stop().await;
     assert!(status.success(), "weir should exit cleanly, got {status}");
     assert_no_panics(&log);
+    let _ = std::fs::copy(&log, format!("/tmp/rabbit_{}.log", rand::random::<u16>())); // TEMP
     assert_no_error_lines(&log);
     broker.cleanup().await;
 }
@@ -757,6 +759,15 @@ async fn create_source_reports_broker_problems_with_sqlstates() {
         ))
         .await
         .expect("a queue-mode source over a stream is created");
+    // Consuming from a stream without an offset starts at the next message: publish once the
+    // consumer is there.
+    wait_for_value(
+        &client,
+        "the ingest to consume",
+        "SELECT status FROM weir_sources WHERE source = 'wrong_mode'",
+        "running",
+    )
+    .await;
     broker.publish(&stream, r#"{"id": 2}"#).await;
     let status = poll_until("the ingest to notice the stream", || async {
         let status = simple_value(

@@ -114,7 +114,10 @@ impl MotoServer {
                         }
                         seen.push(line);
                     }
-                    None => panic!("moto's server exited before listening:\n{}", seen.join("\n")),
+                    None => panic!(
+                        "moto's server exited before listening:\n{}",
+                        seen.join("\n")
+                    ),
                 }
             }
         })

@@ -254,7 +254,9 @@ impl ParquetSinkConfig {
                 SqlState::INVALID_PARAMETER_VALUE,
                 format!("option \"{key}\" applies only to s3:// paths"),
             )
-            .with_hint(format!("remove it, or write to path = 's3://bucket/prefix' (path is '{path}')")));
+            .with_hint(format!(
+                "remove it, or write to path = 's3://bucket/prefix' (path is '{path}')"
+            )));
         }
         Ok(ParquetSinkConfig {
             path,
@@ -311,8 +313,7 @@ fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     let ms = number * factor_ms;
-    (ms.is_finite() && ms >= 0.0 && ms < u64::MAX as f64)
-        .then(|| Duration::from_millis(ms as u64))
+    (ms.is_finite() && ms >= 0.0 && ms < u64::MAX as f64).then(|| Duration::from_millis(ms as u64))
 }
 
 /// `" 1.5 MB"` → `(1.5, "mb")`.
@@ -338,7 +339,10 @@ fn parse_target(path: &str) -> WeirResult<ParquetTarget> {
             return Err(bad("a file:// path must be absolute (file:///dir)"));
         }
         let dir = PathBuf::from(rest);
-        if dir.components().any(|c| c == std::path::Component::ParentDir) {
+        if dir
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
             return Err(bad("'..' is not allowed"));
         }
         return Ok(ParquetTarget::Local { dir });
@@ -669,7 +673,7 @@ impl ParquetSink {
     /// `tick` or `precommit`.
     async fn upload(&mut self) -> WeirResult<()> {
         while let Some(closed) = self.closed.front() {
-            let staged = ObjectPath::from(closed.file.staged.as_str());
+            let staged = stored_path(&closed.file.staged)?;
             self.store
                 .put(&staged, PutPayload::from_bytes(closed.parquet.clone()))
                 .await
@@ -684,28 +688,26 @@ impl ParquetSink {
     /// Moves one staged file to its final path. Idempotent: a staged file that is gone while
     /// its final path exists was published before.
     async fn publish(&self, file: &StagedFile) -> WeirResult<()> {
-        let staged = ObjectPath::from(file.staged.as_str());
-        let final_path = ObjectPath::from(file.final_path.as_str());
+        let staged = stored_path(&file.staged)?;
+        let final_path = stored_path(&file.final_path)?;
         match self.store.rename(&staged, &final_path).await {
             Ok(()) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => {
-                match self.store.head(&final_path).await {
-                    Ok(_) => Ok(()),
-                    Err(object_store::Error::NotFound { .. }) => Err(WeirError::new(
-                        SqlState::DATA_CORRUPTED,
-                        format!(
-                            "parquet sink on {}: staged file {} of epoch {} is missing and \
+            Err(object_store::Error::NotFound { .. }) => match self.store.head(&final_path).await {
+                Ok(_) => Ok(()),
+                Err(object_store::Error::NotFound { .. }) => Err(WeirError::new(
+                    SqlState::DATA_CORRUPTED,
+                    format!(
+                        "parquet sink on {}: staged file {} of epoch {} is missing and \
                              was never committed to {}",
-                            self.config.path, file.staged, file.epoch, file.final_path
-                        ),
-                    )
-                    .with_hint(
-                        "something else deleted the sink's _weir_staging directory; drop and \
+                        self.config.path, file.staged, file.epoch, file.final_path
+                    ),
+                )
+                .with_hint(
+                    "something else deleted the sink's _weir_staging directory; drop and \
                          recreate the sink to write the view again",
-                    )),
-                    Err(e) => Err(self.store_error("read from", &e)),
-                }
-            }
+                )),
+                Err(e) => Err(self.store_error("read from", &e)),
+            },
             Err(e) => Err(self.store_error("commit a file to", &e)),
         }
     }
@@ -731,8 +733,7 @@ impl ParquetSink {
         let mut open = Vec::with_capacity(self.open.len());
         let mut rows = Vec::with_capacity(self.open.len());
         for (partition, file) in &self.open {
-            let batch =
-                concat_batches(&self.file_schema, &file.batches).map_err(arrow_internal)?;
+            let batch = concat_batches(&self.file_schema, &file.batches).map_err(arrow_internal)?;
             rows.push(encode_change(&ChangeBatch::inserts(batch))?);
             open.push(OpenHead {
                 partition: partition.clone(),
@@ -746,9 +747,8 @@ impl ParquetSink {
         };
         let head = serde_json::to_vec(&head)
             .map_err(|e| WeirError::internal(format!("parquet sink state: {e}")))?;
-        let mut out = Vec::with_capacity(
-            9 + head.len() + rows.iter().map(|r| r.len() + 8).sum::<usize>(),
-        );
+        let mut out =
+            Vec::with_capacity(9 + head.len() + rows.iter().map(|r| r.len() + 8).sum::<usize>());
         out.extend_from_slice(STATE_MAGIC);
         out.push(STATE_VERSION);
         out.extend_from_slice(&(head.len() as u32).to_le_bytes());
@@ -766,11 +766,15 @@ impl ParquetSink {
         let corrupt = |why: String| {
             WeirError::new(
                 SqlState::DATA_CORRUPTED,
-                format!("parquet sink on {}: undecodable checkpoint state: {why}", self.config.path),
+                format!(
+                    "parquet sink on {}: undecodable checkpoint state: {why}",
+                    self.config.path
+                ),
             )
         };
         let mut reader = ByteReader { bytes };
-        if reader.take(4) != Some(STATE_MAGIC.as_slice()) || reader.take(1) != Some(&[STATE_VERSION])
+        if reader.take(4) != Some(STATE_MAGIC.as_slice())
+            || reader.take(1) != Some(&[STATE_VERSION])
         {
             return Err(corrupt("unknown header".into()));
         }
@@ -826,8 +830,11 @@ impl ParquetSink {
     }
 
     fn store_error(&self, action: &str, err: &object_store::Error) -> WeirError {
-        store_error(&self.config, action, err)
-            .with_detail(format!("{} ({})", self.target_text(), err))
+        store_error(&self.config, action, err).with_detail(format!(
+            "{} ({})",
+            self.target_text(),
+            err
+        ))
     }
 }
 
@@ -976,7 +983,10 @@ fn partition_keys(column: &ArrayRef) -> WeirResult<ArrayRef> {
 
 /// `rows` with each row repeated `|weight|` times, and the matching weights. Batches of all
 /// ±1 weights (the usual case) come back as they are.
-fn expand_weights(rows: &RecordBatch, weights: &Int64Array) -> WeirResult<(RecordBatch, Int64Array)> {
+fn expand_weights(
+    rows: &RecordBatch,
+    weights: &Int64Array,
+) -> WeirResult<(RecordBatch, Int64Array)> {
     let values = weights.values();
     if values.iter().all(|w| w.unsigned_abs() == 1) {
         return Ok((rows.clone(), weights.clone()));
@@ -987,7 +997,9 @@ fn expand_weights(rows: &RecordBatch, weights: &Int64Array) -> WeirResult<(Recor
             SqlState::PROGRAM_LIMIT_EXCEEDED,
             format!("a change of {total} rows is too large for a parquet sink"),
         )
-        .with_hint(format!("one change may hold at most {EXPANDED_ROWS_MAX} rows")));
+        .with_hint(format!(
+            "one change may hold at most {EXPANDED_ROWS_MAX} rows"
+        )));
     }
     let mut indices = Vec::with_capacity(total as usize);
     for (row, weight) in values.iter().enumerate() {
@@ -1038,14 +1050,20 @@ async fn build_store(config: &ParquetSinkConfig) -> WeirResult<(Arc<dyn ObjectSt
                 };
                 return Err(WeirError::new(
                     state,
-                    format!("could not create directory \"{}\" for a parquet sink: {e}", dir.display()),
+                    format!(
+                        "could not create directory \"{}\" for a parquet sink: {e}",
+                        dir.display()
+                    ),
                 )
                 .with_hint("choose a path the server's user can write to"));
             }
             let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| {
                 WeirError::new(
                     SqlState::IO_ERROR,
-                    format!("could not open directory \"{}\" for a parquet sink: {e}", dir.display()),
+                    format!(
+                        "could not open directory \"{}\" for a parquet sink: {e}",
+                        dir.display()
+                    ),
                 )
                 .with_hint("choose a path the server's user can write to")
             })?;
@@ -1244,9 +1262,21 @@ fn escape_segment(name: &str) -> String {
 }
 
 fn child(dir: &ObjectPath, segment: &str) -> WeirResult<ObjectPath> {
-    let part = PathPart::parse(segment)
-        .map_err(|e| WeirError::internal(format!("parquet sink path segment \"{segment}\": {e}")))?;
+    let part = PathPart::parse(segment).map_err(|e| {
+        WeirError::internal(format!("parquet sink path segment \"{segment}\": {e}"))
+    })?;
     Ok(dir.clone().join(part))
+}
+
+/// A path this sink built and kept as text (in memory or in a checkpoint), read back exactly:
+/// `Path::from` would escape the `%` of Hive-escaped values a second time.
+fn stored_path(text: &str) -> WeirResult<ObjectPath> {
+    ObjectPath::parse(text).map_err(|e| {
+        WeirError::new(
+            SqlState::DATA_CORRUPTED,
+            format!("parquet sink file path \"{text}\" is invalid: {e}"),
+        )
+    })
 }
 
 fn unix_ms() -> u64 {
@@ -1367,46 +1397,47 @@ mod tests {
             Field::new("n", DataType::Int64, false),
         ]));
         let batch = |regions: Vec<Option<&str>>, n: Vec<i64>| {
-            let columns: Vec<ArrayRef> =
-                vec![Arc::new(StringArray::from(regions)), Arc::new(Int64Array::from(n))];
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(StringArray::from(regions)),
+                Arc::new(Int64Array::from(n)),
+            ];
             ChangeBatch::inserts(RecordBatch::try_new(schema.clone(), columns).expect("batch"))
         };
         let mut sink = ParquetSink::open(config, schema.clone(), "s")
             .await
             .expect("open");
         sink.restore(0, None).await.expect("fresh start");
-        // 200 rows of "eu" pass 1 KiB and close a file; "us/x" stays open.
-        sink.write(&batch(vec![Some("eu"); 200], (0..200).collect()))
+        // 200 rows of "eu:1" pass 1 KiB and close a file; "us/x" stays open.
+        sink.write(&batch(vec![Some("eu:1"); 200], (0..200).collect()))
             .expect("write");
         sink.write(&batch(vec![Some("us/x"), None], vec![7, 8]))
             .expect("write");
         sink.tick().await.expect("tick");
         let state = sink.precommit(1).await.expect("precommit");
-        assert_eq!(files_under(dir.path()), ["_weir_staging/s/00000001-0000.parquet"]);
+        assert_eq!(
+            files_under(dir.path()),
+            ["_weir_staging/s/00000001-0000.parquet"]
+        );
         sink.commit(1).await.expect("commit");
         sink.commit(1).await.expect("commit again");
         assert_eq!(
             files_under(dir.path()),
-            ["region=eu/part-s-00000001-0000.parquet"]
+            ["region=eu%3A1/part-s-00000001-0000.parquet"]
         );
 
         // A crash after epoch 1: rows written since are staged, then restore(1) drops them
         // and brings back the open rows of epoch 1.
-        sink.write(&batch(vec![Some("eu"); 200], (0..200).collect()))
+        sink.write(&batch(vec![Some("eu:1"); 200], (0..200).collect()))
             .expect("write");
         sink.tick().await.expect("tick");
         assert_eq!(files_under(dir.path()).len(), 2);
-        let mut recovered = ParquetSink::open(
-            sink.config.clone(),
-            schema.clone(),
-            "s",
-        )
-        .await
-        .expect("open again");
+        let mut recovered = ParquetSink::open(sink.config.clone(), schema.clone(), "s")
+            .await
+            .expect("open again");
         recovered.restore(1, Some(&state)).await.expect("restore");
         assert_eq!(
             files_under(dir.path()),
-            ["region=eu/part-s-00000001-0000.parquet"]
+            ["region=eu%3A1/part-s-00000001-0000.parquet"]
         );
         let open: Vec<&String> = recovered.open.keys().collect();
         assert_eq!(open, ["region=__HIVE_DEFAULT_PARTITION__", "region=us%2Fx"]);

@@ -95,6 +95,8 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const PREFETCH_DEFAULT: u16 = 1000;
 /// A connection attempt (TCP + AMQP handshake) that takes longer fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Closing a channel and its connection politely takes at most this; then they are dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -480,30 +482,54 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// password, 42704 missing queue or exchange, 42809 a queue of the wrong type.
 pub async fn check(config: &RabbitMqConfig, source: &str) -> WeirResult<()> {
     let connection = connect(config, source).await?;
-    let result = async {
-        let channel = prepare(&connection, config).await?;
-        if config.mode == RabbitMqMode::Stream {
-            // Only a stream takes the offset argument; reading from 'next' consumes nothing.
-            let mut arguments = FieldTable::default();
-            arguments.insert(
-                HEADER_STREAM_OFFSET.into(),
-                AMQPValue::LongString("next".into()),
-            );
-            channel
-                .basic_consume(
-                    short(&config.queue)?,
-                    ShortString::from(""),
-                    BasicConsumeOptions::default(),
-                    arguments,
-                )
-                .await
-                .map_err(|e| queue_error(config, "consuming from", &e))?;
+    let result = match prepare(&connection, config).await {
+        Ok(channel) => {
+            let consumed = if config.mode == RabbitMqMode::Stream {
+                // Only a stream takes the offset argument; reading from 'next' consumes nothing.
+                let mut arguments = FieldTable::default();
+                arguments.insert(
+                    HEADER_STREAM_OFFSET.into(),
+                    AMQPValue::LongString("next".into()),
+                );
+                channel
+                    .basic_consume(
+                        short(&config.queue)?,
+                        ShortString::from(""),
+                        BasicConsumeOptions::default(),
+                        arguments,
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| queue_error(config, "consuming from", &e))
+            } else {
+                Ok(())
+            };
+            close_gracefully(Some(&channel), &connection).await;
+            consumed
         }
-        Ok(())
-    }
-    .await;
-    let _ = connection.close(200, "OK".into()).await; // best effort: dropping closes too
+        Err(e) => {
+            close_gracefully(None, &connection).await;
+            Err(e)
+        }
+    };
     result
+}
+
+/// Closes `channel`, then `connection`, each only if still open, within [`CLOSE_TIMEOUT`]
+/// (best effort: dropping closes too). In this order because lapin reports a spurious
+/// connection error when a connection closes while one of its channels is still closing.
+async fn close_gracefully(channel: Option<&Channel>, connection: &Connection) {
+    let close = async {
+        if let Some(channel) = channel
+            && channel.status().connected()
+        {
+            let _ = channel.close(200, "OK".into()).await;
+        }
+        if connection.status().connected() {
+            let _ = connection.close(200, "OK".into()).await;
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
 }
 
 /// The ingest: runs until the task is aborted (the source dropped, the server stopping),
@@ -562,15 +588,24 @@ async fn session(
     running: &mut bool,
 ) -> WeirResult<Infallible> {
     let connection = connect(config, source).await?;
-    let channel = prepare(&connection, config).await?;
-    match config.mode {
+    let channel = match prepare(&connection, config).await {
+        Ok(channel) => channel,
+        Err(e) => {
+            close_gracefully(None, &connection).await;
+            return Err(e);
+        }
+    };
+    let Err(error) = match config.mode {
         RabbitMqMode::Queue => {
             queue_session(config, &channel, log, status, progress, running).await
         }
         RabbitMqMode::Stream => {
             stream_session(config, &channel, log, status, progress, running).await
         }
-    }
+    };
+    // Unacknowledged deliveries go back to the queue when the channel closes.
+    close_gracefully(Some(&channel), &connection).await;
+    Err(error)
 }
 
 /// Runs a blocking log call on the blocking pool.
