@@ -87,7 +87,25 @@
 //! 4. The root applies the changes to the view's state; `FLUSH` returns once every
 //!    view's inputs have reached the end offsets published before it.
 //!
-//! Sinks (Parquet, topics) and broker connectors join this walk with issue 6.
+//! ## A checkpoint, a crash, and a sink
+//! 1. Every `checkpoint_interval` (or on `CHECKPOINT`) a view's
+//!    [`stream::Dataflow`] stops between two rounds — every operator has seen
+//!    exactly the input up to its inputs' positions — and writes epoch *n*:
+//!    positions and watermarks, each [`stream::Operator::snapshot`] (through
+//!    [`state::SnapshotWriter`]), and the view's rows. A sink's root
+//!    ([`connector::api::Sink::precommit`]) stages its output instead.
+//! 2. [`state::CheckpointStore::commit`] syncs the state file and replaces the
+//!    manifest atomically; then [`connector::api::Sink::commit`] makes the epoch's
+//!    output visible: [`connector::parquet::ParquetSink`] renames its staged files,
+//!    [`connector::builtin::TopicSink`] publishes the held messages.
+//! 3. After `kill -9`, [`engine::Weir::open`] opens each view: the dataflow loads
+//!    the manifest, seeks its inputs ([`connector::api::Source::seek`]), restores
+//!    every operator and the view's rows before the view is registered, and reads
+//!    only what followed the checkpoint. A sink's
+//!    [`connector::api::Sink::restore`] commits the restored epoch again
+//!    (idempotently) and drops what was staged after it.
+//! 4. A RabbitMQ source's ingest appends deliveries to the source's own topic and
+//!    acknowledges them once durable, so replay after a crash reads Weir's log.
 
 pub mod catalog;
 pub mod connector;

@@ -228,6 +228,17 @@ pub(super) fn remove_orphan_storage(weir: &Weir, relations: &[Relation]) -> Weir
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+    // Checkpoints of views, sinks and sources dropped just before a crash.
+    let checkpoints_dir = weir.inner.config.data_dir.join("checkpoints");
+    if let Ok(entries) = fs::read_dir(&checkpoints_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !live.contains(&name) {
+                tracing::info!(dir = %entry.path().display(), "removing checkpoints of a dropped relation");
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     Ok(())
 }
 
