@@ -257,8 +257,11 @@ pub(super) async fn open_sink(weir: &Weir, relation: Relation) -> WeirResult<()>
     else {
         return Err(WeirError::internal("sink definition is not CREATE SINK"));
     };
+    // Output names (files, message ids) carry the sink's id too, so a sink dropped and
+    // created again under the same name never overwrites or repeats the old one's output.
+    let output_name = format!("{}-{}", relation.name, relation.id);
     let (sink, connector, delivery) =
-        make_sink(weir, &relation.name, from, options, format.as_deref()).await?;
+        make_sink(weir, &output_name, from, options, format.as_deref()).await?;
     let view = weir
         .lock_views()
         .get(from)

@@ -502,15 +502,15 @@ impl Dataflow {
                 && tokio::time::Instant::now() >= at
             {
                 let is_sink = matches!(output, Output::Sink(..));
-                if self.changed_since_checkpoint || is_sink {
-                    if let Err(e) = self.checkpoint(output).await {
-                        // A failed checkpoint is retried at the next interval; the error
-                        // shows in weir_checkpoints. State is unchanged by the attempt.
-                        tracing::warn!(error = %e, "checkpoint failed");
-                        if let Some(c) = &self.checkpointing {
-                            c.history.lock().unwrap_or_else(|p| p.into_inner()).last_error =
-                                Some(e.to_string());
-                        }
+                if (self.changed_since_checkpoint || is_sink)
+                    && let Err(e) = self.checkpoint(output).await
+                {
+                    // A failed checkpoint is retried at the next interval; the error
+                    // shows in weir_sinks. State is unchanged by the attempt.
+                    tracing::warn!(error = %e, "checkpoint failed");
+                    if let Some(c) = &self.checkpointing {
+                        c.history.lock().unwrap_or_else(|p| p.into_inner()).last_error =
+                            Some(e.to_string());
                     }
                 }
                 next_checkpoint = interval.map(|i| tokio::time::Instant::now() + i);

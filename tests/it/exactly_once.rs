@@ -3,7 +3,7 @@
 //! several times (once with a `CHECKPOINT` statement in flight), and the committed Parquet files
 //! must end up holding every window exactly once, row for row what the events give.
 //!
-//! Three sources: (a) a RabbitMQ classic queue (200,000 events), (b) a built-in topic that a
+//! Three sources, 200,000 events each: (a) a RabbitMQ classic queue, (b) a built-in topic that a
 //! producer fills over pgwire, retrying across the crashes, (c) a RabbitMQ stream queue. For (a)
 //! and (c) the expected windows are computed from the events the producer generated (all on
 //! time); for (b), where a publish whose reply was lost may or may not have landed, from the
@@ -28,14 +28,16 @@ use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::harness::{
-    BinaryServer, assert_no_error_lines, assert_no_panics, connect, poll_until, psql,
-    simple_value, temp_dir_with_log, try_connect, within,
+    BinaryServer, assert_no_error_lines, assert_no_panics, poll_until, psql, simple_value,
+    temp_dir_with_log, try_connect, within,
 };
 use crate::s3;
 
@@ -310,10 +312,9 @@ impl Committed {
     /// Every committed row, sorted; fails the test at once if a window appears twice.
     fn rows(&mut self, dir: &Path) -> Vec<WindowRow> {
         for file in committed_files(dir) {
-            if !self.files.contains_key(&file) {
-                let rows = parquet_windows(&file);
-                self.files.insert(file, rows);
-            }
+            self.files
+                .entry(file)
+                .or_insert_with_key(|file| parquet_windows(file));
         }
         let mut rows: Vec<WindowRow> = self.files.values().flatten().copied().collect();
         rows.sort();
@@ -412,10 +413,6 @@ impl Crashing {
         }
     }
 
-    fn server(&self) -> &BinaryServer {
-        self.server.as_ref().expect("a running server")
-    }
-
     /// Messages the RabbitMQ ingest appended in this process.
     async fn appended(&self) -> u64 {
         simple_value(
@@ -491,16 +488,30 @@ impl Crashing {
     }
 
     /// Runs `plan`, printing when each kill happened.
-    async fn crash(&mut self, test: &str, plan: &[(Trigger, Kill)], published: &AtomicU64, sink: &Path) {
+    async fn crash(
+        &mut self,
+        test: &str,
+        plan: &[(Trigger, Kill)],
+        published: &AtomicU64,
+        sink: &Path,
+    ) {
         for (i, (trigger, kill)) in plan.iter().enumerate() {
             self.wait_for(*trigger, published).await;
-            let appended = self.appended().await;
-            let sent = published.load(Ordering::Relaxed);
+            let progress = match trigger {
+                Trigger::Appended(_) => format!(
+                    "{} appended in that process, {} published",
+                    self.appended().await,
+                    published.load(Ordering::Relaxed)
+                ),
+                Trigger::Published(_) => {
+                    format!("{} published", published.load(Ordering::Relaxed))
+                }
+            };
             let started = Instant::now();
             let note = self.kill_and_restart(*kill, sink).await;
             eprintln!(
-                "{test}: kill -9 #{} ({kill:?} at {trigger:?}; {note}) with {appended} appended \
-                 in that process, {sent} published; restarted in {:?}",
+                "{test}: kill -9 #{} ({kill:?} at {trigger:?}; {note}) with {progress}; \
+                 restarted in {:?}",
                 i + 1,
                 started.elapsed()
             );
@@ -513,7 +524,6 @@ impl Crashing {
         drop(self.client);
         let status = server.stop().await;
         assert!(status.success(), "weir should exit cleanly, got {status}");
-        let _ = std::fs::copy(&self.log, "/tmp/eo_log.txt"); // TEMP
         assert_no_panics(&self.log);
         assert_no_error_lines(&self.log);
     }
@@ -571,7 +581,11 @@ async fn rabbitmq_crash_run(test: &str, mode: &str, events: u64, plan: &[(Trigge
         "SELECT count(*) || '/' || count(DISTINCT id) FROM src",
     )
     .await;
-    assert_eq!(counts, format!("{0}/{0}", events + 1), "messages in the source's log");
+    assert_eq!(
+        counts,
+        format!("{0}/{0}", events + 1),
+        "messages in the source's log"
+    );
     eprintln!(
         "{test}: {events} events, {} windows; producer done at {produced_at:?}, \
          view read every event at {read_at:?}, every window committed at {committed_at:?}",
@@ -600,7 +614,7 @@ async fn rabbitmq_queue_to_parquet_exactly_once_across_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_stream_to_parquet_exactly_once_across_kill_9() {
-    const EVENTS: u64 = 100_000;
+    const EVENTS: u64 = 200_000;
     rabbitmq_crash_run(
         "rabbitmq_stream_to_parquet_exactly_once_across_kill_9",
         "stream",
@@ -614,26 +628,331 @@ async fn rabbitmq_stream_to_parquet_exactly_once_across_kill_9() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zz_bench_publish() {
-    let (connection, channel) = rabbitmq("bench").await.unwrap();
-    for (mode, persistent) in [("queue", true), ("queue", false), ("stream", true)] {
-        let queue = unique("bench");
-        let _g = QueueGuard(queue.clone());
-        let mut args = lapin::types::FieldTable::default();
-        if mode == "stream" {
-            args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("stream".into()));
+/// (b)'s producer: events `0..events` as `INSERT INTO ev (payload)` of
+/// [`TOPIC_BATCH_EVENTS`] each, over pgwire to whichever server `addr` names, each batch
+/// retried until one attempt is answered (an attempt whose answer a crash took may have
+/// landed too). Counts answered events in `published`; returns the attempts that failed.
+async fn publish_to_topic(
+    mut addr: watch::Receiver<SocketAddr>,
+    events: u64,
+    published: Arc<AtomicU64>,
+) -> u64 {
+    // One prepared statement per connection: a batch is parsed once, not once per attempt.
+    let placeholders: Vec<String> = (1..=TOPIC_BATCH_EVENTS)
+        .map(|i| format!("(${i})"))
+        .collect();
+    let insert = format!(
+        "INSERT INTO ev (payload) VALUES {}",
+        placeholders.join(", ")
+    );
+    let mut client: Option<(Client, tokio_postgres::Statement)> = None;
+    let mut failed = 0;
+    assert_eq!(events % TOPIC_BATCH_EVENTS, 0, "whole batches");
+    for first in (0..events).step_by(TOPIC_BATCH_EVENTS as usize) {
+        let last = first + TOPIC_BATCH_EVENTS;
+        let payloads: Vec<String> = (first..last).map(event_json).collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = payloads
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let started = Instant::now();
+        loop {
+            if client.is_none() {
+                let to = *addr.borrow_and_update();
+                if let Ok(c) = try_connect(to).await
+                    && let Ok(statement) = c.prepare(&insert).await
+                {
+                    client = Some((c, statement));
+                }
+            }
+            if let Some((c, statement)) = &client {
+                match c.execute(statement, &params).await {
+                    Ok(n) => {
+                        assert_eq!(n, TOPIC_BATCH_EVENTS, "messages published by one INSERT");
+                        break;
+                    }
+                    Err(e) if e.as_db_error().is_some() => {
+                        panic!("the server refused a publish: {e:?}")
+                    }
+                    // The connection died with the server.
+                    Err(_) => client = None,
+                }
+            }
+            failed += 1;
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "events {first}..{last}: no server took them for 60 s"
+            );
+            // Until the restarted server says where it listens, at most 1 s between attempts.
+            let _ = tokio::time::timeout(Duration::from_secs(1), addr.changed()).await;
         }
-        channel.queue_declare(queue.as_str().into(), lapin::options::QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
-        let t = Instant::now();
-        let mut in_flight = VecDeque::new();
-        for n in 0..50_000u64 {
-            if in_flight.len() == 1000 { confirmed(in_flight.pop_front().unwrap()).await; }
-            let c = channel.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, event_json(n).as_bytes(), if persistent { BasicProperties::default().with_delivery_mode(2) } else { BasicProperties::default() }).await.unwrap();
-            in_flight.push_back(c);
-        }
-        for c in in_flight { confirmed(c).await; }
-        eprintln!("{mode} persistent={persistent}: {:?}", t.elapsed());
+        published.fetch_add(last - first, Ordering::Relaxed);
     }
-    let _ = connection.close(200, "OK".into()).await;
+    failed
+}
+
+/// What the source's topic holds at the end, through the batch query: the windows of
+/// every event below `events` (the closing event left out), sorted.
+async fn batch_windows(client: &Client, events: u64) -> Vec<WindowRow> {
+    let sql = format!(
+        "SELECT key, window_start, count(*) AS n, sum(value) AS total \
+         FROM TUMBLE(src, ts, INTERVAL '1' SECOND) WHERE id < {events} \
+         GROUP BY key, window_start, window_end"
+    );
+    let rows = within("the batch query", client.query(sql.as_str(), &[]))
+        .await
+        .unwrap_or_else(|e| panic!("`{sql}`: {e:?}"));
+    let mut out: Vec<WindowRow> = rows
+        .iter()
+        .map(|row| {
+            let start: chrono::NaiveDateTime = row.get(1);
+            (
+                row.get(0),
+                start.and_utc().timestamp_millis(),
+                row.get(2),
+                row.get(3),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_to_parquet_exactly_once_across_kill_9() {
+    const TEST: &str = "topic_to_parquet_exactly_once_across_kill_9";
+    const EVENTS: u64 = 200_000;
+    let started = Instant::now();
+    let (dir, log) = temp_dir_with_log();
+    let sink_dir = dir.path().join("out");
+    let mut weir = Crashing::start(dir.path().join("data"), log).await;
+    // One partition: the topic keeps the producer's order, so only a batch published twice
+    // can go back in event time, by less than the watermark delay.
+    run(&weir.client, "CREATE TOPIC ev WITH (partitions = 1)").await;
+    run(
+        &weir.client,
+        &source_sql("connector = 'builtin', topic = 'ev'", 5),
+    )
+    .await;
+    run(&weir.client, VIEW_SQL).await;
+    run(&weir.client, &sink_sql(&sink_dir)).await;
+
+    let published = Arc::new(AtomicU64::new(0));
+    let producer = tokio::spawn(publish_to_topic(
+        weir.addr.subscribe(),
+        EVENTS,
+        published.clone(),
+    ));
+    let plan = [
+        (Trigger::Published(EVENTS / 10), Kill::Now),
+        (Trigger::Published(EVENTS * 3 / 10), Kill::DuringCheckpoint),
+        (Trigger::Published(EVENTS / 2), Kill::Jittered),
+        (Trigger::Published(EVENTS * 7 / 10), Kill::AfterCommit),
+    ];
+    weir.crash(TEST, &plan, &published, &sink_dir).await;
+    let failed = within("the producer to finish", producer)
+        .await
+        .expect("the producer task");
+    let produced_at = started.elapsed();
+    run(
+        &weir.client,
+        &format!(
+            "INSERT INTO ev (payload) VALUES ('{}')",
+            closing_event_json(EVENTS)
+        ),
+    )
+    .await;
+
+    // Every event landed at least once; a batch whose answer was lost may have landed twice.
+    let counts = simple_value(
+        &weir.client,
+        &format!("SELECT count(*) || '/' || count(DISTINCT id) FROM src WHERE id < {EVENTS}"),
+    )
+    .await;
+    let (total, distinct) = counts.split_once('/').expect("two counts");
+    assert_eq!(distinct, EVENTS.to_string(), "every event is in the topic");
+    let want = batch_windows(&weir.client, EVENTS).await;
+    if total == distinct {
+        assert_eq!(
+            want,
+            expected_windows(EVENTS),
+            "the batch query over the topic"
+        );
+    }
+    wait_for_closing_event(&weir.client).await;
+    let read_at = started.elapsed();
+    wait_for_committed(&sink_dir, &want).await;
+    eprintln!(
+        "{TEST}: {EVENTS} events ({total} in the topic after {failed} failed attempts), \
+         {} windows; producer done at {produced_at:?}, view read every event at {read_at:?}, \
+         every window committed at {:?}",
+        want.len(),
+        started.elapsed()
+    );
+    weir.finish().await;
+}
+
+/// What `sql/read_parquet.py` prints once `sql/rabbitmq_producer.py --count <readings>` went
+/// through `sql/rabbitmq_to_parquet.sql`: reading `n` is sensor `n % 4`, value `n² % 97`, at
+/// 10:00:00 + 25 ms × n; windows of 10 s.
+fn walkthrough_rows(readings: u64) -> Vec<String> {
+    let mut windows: BTreeMap<(u64, u64), (u64, u64, u64)> = BTreeMap::new();
+    for n in 0..readings {
+        let entry = windows.entry(((n * 25) / 10_000, n % 4)).or_default();
+        entry.0 += 1;
+        entry.1 += n * n % 97;
+        entry.2 = entry.2.max(n * n % 97);
+    }
+    let mut lines = vec!["window_start|sensor|readings|total|top".to_string()];
+    for ((window, sensor), (count, total, top)) in windows {
+        let start = window * 10;
+        lines.push(format!(
+            "2026-01-01 10:{:02}:{:02}|sensor-{sensor}|{count}|{total}|{top}",
+            start / 60,
+            start % 60
+        ));
+    }
+    lines
+}
+
+/// The README's "From RabbitMQ to Parquet" section: its commands (the ```sh block) and the
+/// output it shows (the ```text block, without the `...` lines).
+fn readme_walkthrough() -> (String, Vec<String>) {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let section = readme
+        .split("\n## From RabbitMQ to Parquet\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README.md has a \"From RabbitMQ to Parquet\" section");
+    let block = |fence: &str| -> String {
+        section
+            .split(fence)
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap_or_else(|| panic!("the section has a {fence} block"))
+            .to_string()
+    };
+    let shown = block("```text\n")
+        .lines()
+        .filter(|line| !line.contains("..."))
+        .map(str::to_string)
+        .collect();
+    (block("```sh\n"), shown)
+}
+
+/// The README's walk-through as a user runs it: the binary, `psql -f
+/// sql/rabbitmq_to_parquet.sql`, the pika producer, and the pyarrow reader until it prints
+/// every window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_rabbitmq_to_parquet_walkthrough_runs() {
+    const TEST: &str = "readme_rabbitmq_to_parquet_walkthrough_runs";
+    const READINGS: u64 = 2400;
+    let Some((connection, _channel)) = rabbitmq(TEST).await else {
+        return;
+    };
+    let Some(python) = s3::python() else {
+        eprintln!("skipping {TEST}: no Python with pika and pyarrow");
+        return;
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    let queue = unique("readings");
+    let _guard = QueueGuard(queue.clone());
+    let (dir, log) = temp_dir_with_log();
+    let out = dir.path().join("readings");
+    let server = BinaryServer::start_with(&dir.path().join("data"), &log, SERVER_ARGS).await;
+
+    let shown = psql(
+        server.pg_addr(),
+        &[
+            "-v",
+            &format!("out={}", out.display()),
+            "-v",
+            &format!("queue={queue}"),
+            "-f",
+            &format!("{root}/sql/rabbitmq_to_parquet.sql"),
+        ],
+    )
+    .await
+    .ok();
+    assert!(
+        shown.contains(&format!("parquet file://{}", out.display())),
+        "SHOW SINKS lists the sink:\n{shown}"
+    );
+
+    let produced = within(
+        "the producer script",
+        tokio::process::Command::new(&python)
+            .arg(format!("{root}/sql/rabbitmq_producer.py"))
+            .args(["--queue", &queue, "--count", &READINGS.to_string()])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run the producer script");
+    assert!(
+        produced.status.success(),
+        "the producer failed: {}",
+        String::from_utf8_lossy(&produced.stderr)
+    );
+
+    let want = walkthrough_rows(READINGS);
+    assert_eq!(want.len(), 1 + 6 * 4, "six windows of four sensors");
+    // The README shows these steps and (part of) this output.
+    let (commands, shown) = readme_walkthrough();
+    for step in [
+        "-f sql/rabbitmq_to_parquet.sql",
+        &format!("sql/rabbitmq_producer.py --count {READINGS}"),
+        "sql/read_parquet.py",
+    ] {
+        assert!(
+            commands.contains(step),
+            "the README's commands lack `{step}`:\n{commands}"
+        );
+    }
+    for line in &shown {
+        assert!(
+            want.contains(line),
+            "the README shows `{line}`, which the reader never prints"
+        );
+    }
+    // The reader runs again only when the set of committed files changed.
+    let seen: std::sync::Mutex<(Vec<PathBuf>, Option<Vec<String>>)> = Default::default();
+    poll_until("the reader to print every window", || async {
+        let files = committed_files(&out);
+        let stale = {
+            let seen = seen.lock().expect("not poisoned");
+            seen.1.is_none() || seen.0 != files
+        };
+        if stale {
+            let read = within(
+                "the reader script",
+                tokio::process::Command::new(&python)
+                    .arg(format!("{root}/sql/read_parquet.py"))
+                    .arg(&out)
+                    .kill_on_drop(true)
+                    .output(),
+            )
+            .await
+            .expect("run the reader script");
+            assert!(
+                read.status.success(),
+                "the reader failed: {}",
+                String::from_utf8_lossy(&read.stderr)
+            );
+            let lines = String::from_utf8_lossy(&read.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            *seen.lock().expect("not poisoned") = (files, Some(lines));
+        }
+        let seen = seen.lock().expect("not poisoned");
+        (seen.1.as_deref() == Some(want.as_slice())).then_some(())
+    })
+    .await;
+    drop(connection);
+    let status = server.stop().await;
+    assert!(status.success(), "weir should exit cleanly, got {status}");
+    assert_no_panics(&log);
+    assert_no_error_lines(&log);
 }

@@ -646,7 +646,8 @@ async fn a_parquet_sink_writes_each_row_once_across_kill_9() {
     // the crash.
     run(&client, &insert_bids(MORE_BIDS)).await;
     run(&client, "FLUSH").await;
-    let staging = files.join("_weir_staging").join("archive");
+    // Staged under `_weir_staging/<sink>-<id>/` (the id keeps a re-created sink's names apart).
+    let staging = files.join("_weir_staging");
     poll_until("the next file to be staged", || async {
         (!files_under(&staging).is_empty()).then_some(())
     })

@@ -13,13 +13,12 @@
 //! file that is gone while its final path exists was committed already); `restore` finishes the
 //! checkpoint's commit, reloads its open rows and deletes everything else staged.
 //!
-//! This module owns the option parsing and the object store of a sink. It never decides when a
-//! checkpoint happens, never reads a view, and never makes a file visible before `commit`.
+//! `config.rs` parses the options, `store.rs` opens the object store and classifies its errors.
+//! This module never decides when a checkpoint happens, never reads a view, and never makes a
+//! file visible before `commit`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::error::Error as _;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,12 +32,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::local::LocalFileSystem;
 use object_store::path::{Path as ObjectPath, PathPart};
-use object_store::{
-    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -49,31 +44,11 @@ use crate::format::ipc::{decode_change, encode_change};
 use crate::format::pgtext::to_pg_text;
 use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
 
-/// Every option `CREATE SINK ... WITH (connector = 'parquet', ...)` accepts.
-pub const OPTIONS: &[&str] = &[
-    "connector",
-    "path",
-    "partition_by",
-    "file_size_max",
-    "rollover",
-    "changelog",
-    "region",
-    "endpoint",
-    "access_key_id",
-    "secret_access_key",
-    "session_token",
-    "allow_http",
-];
+mod config;
+mod store;
 
-/// The options that only mean something for an `s3://` path.
-const S3_OPTIONS: &[&str] = &[
-    "region",
-    "endpoint",
-    "access_key_id",
-    "secret_access_key",
-    "session_token",
-    "allow_http",
-];
+pub use config::{OPTIONS, ParquetSinkConfig, ParquetTarget, S3Config};
+use store::{build_store, s3_endpoint_text, store_error};
 
 /// Name of the column a `changelog = 'true'` sink adds: `insert` or `delete`.
 pub const OP_COLUMN: &str = "op";
@@ -84,283 +59,17 @@ pub const STAGING_DIR: &str = "_weir_staging";
 /// The directory value of a NULL partition key, as Hive and Spark spell it.
 const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
-const FILE_SIZE_MAX_DEFAULT_BYTES: u64 = 128 * 1024 * 1024;
-const FILE_SIZE_MIN_BYTES: u64 = 1024;
-/// Files are encoded in memory before the upload, so one file is bounded.
-const FILE_SIZE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// All open files of one sink together; past it the largest open file closes early.
 const OPEN_BYTES_MAX: usize = 1024 * 1024 * 1024;
+/// Closed files waiting for their upload (the store is failing); past it the sink stops.
+const CLOSED_BYTES_MAX: usize = 1024 * 1024 * 1024;
+/// How long `tick` waits after a failed upload before trying again.
+const UPLOAD_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Rows one `write` may produce after expanding weights (a row of weight `w` is `|w|` rows).
 const EXPANDED_ROWS_MAX: usize = 16 * 1024 * 1024;
-const ROLLOVER_DEFAULT: Duration = Duration::from_secs(60);
-const ROLLOVER_MIN: Duration = Duration::from_millis(100);
-
-/// Bounded retries for S3 requests, so an unreachable endpoint fails in seconds, not minutes.
-const S3_MAX_RETRIES: usize = 3;
-const S3_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
-const S3_CONNECT_TIMEOUT: &str = "5s";
-const S3_REQUEST_TIMEOUT: &str = "120s";
-
 /// First bytes of a [`ParquetSink::precommit`] state, then a version byte.
 const STATE_MAGIC: &[u8; 4] = b"WPQS";
 const STATE_VERSION: u8 = 1;
-
-/// Where the files go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ParquetTarget {
-    /// `file:///abs/dir`: a local directory, created if missing.
-    Local { dir: PathBuf },
-    /// `s3://bucket/prefix`: a bucket (which must exist) and a key prefix (may be empty).
-    S3 { bucket: String, prefix: String },
-}
-
-/// Connection settings for an `s3://` target. Unset fields fall back to the standard `AWS_…`
-/// environment variables of the server process.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct S3Config {
-    pub region: Option<String>,
-    /// e.g. `http://127.0.0.1:9000` for an S3-compatible server.
-    pub endpoint: Option<String>,
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub session_token: Option<String>,
-    pub allow_http: Option<bool>,
-}
-
-impl fmt::Debug for S3Config {
-    /// Secrets are never printed.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
-        f.debug_struct("S3Config")
-            .field("region", &self.region)
-            .field("endpoint", &self.endpoint)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &redacted(&self.secret_access_key))
-            .field("session_token", &redacted(&self.session_token))
-            .field("allow_http", &self.allow_http)
-            .finish()
-    }
-}
-
-/// A Parquet sink's options, checked.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParquetSinkConfig {
-    /// The `path` option as written, for messages and `describe`.
-    pub path: String,
-    pub target: ParquetTarget,
-    /// One column of the view: files go to `col=value/` directories.
-    pub partition_by: Option<String>,
-    pub file_size_max_bytes: u64,
-    pub rollover: Duration,
-    /// Write deletes too: every row carries an `op` column (`insert` / `delete`).
-    pub changelog: bool,
-    pub s3: S3Config,
-}
-
-impl ParquetSinkConfig {
-    /// Parses `CREATE SINK`'s `WITH (...)` options. Keys are case-insensitive; an unknown key or
-    /// a bad value is 22023 with the accepted forms.
-    pub fn from_options(options: &[(String, String)]) -> WeirResult<ParquetSinkConfig> {
-        let mut path = None;
-        let mut partition_by = None;
-        let mut file_size_max_bytes = FILE_SIZE_MAX_DEFAULT_BYTES;
-        let mut rollover = ROLLOVER_DEFAULT;
-        let mut changelog = false;
-        let mut s3 = S3Config::default();
-        let mut s3_keys = Vec::new();
-        for (key, value) in options {
-            let key = key.to_ascii_lowercase();
-            if S3_OPTIONS.contains(&key.as_str()) {
-                s3_keys.push(key.clone());
-            }
-            match key.as_str() {
-                "connector" => {
-                    if !value.eq_ignore_ascii_case("parquet") {
-                        return Err(bad_option("connector", value, "'parquet'"));
-                    }
-                }
-                "path" => path = Some(value.clone()),
-                "partition_by" => {
-                    let column = value.trim();
-                    if column.is_empty() || column.contains(',') {
-                        return Err(bad_option(
-                            "partition_by",
-                            value,
-                            "the name of one column of the view",
-                        ));
-                    }
-                    partition_by = Some(column.to_string());
-                }
-                "file_size_max" => {
-                    let bytes = parse_bytes(value).ok_or_else(|| {
-                        bad_option(
-                            "file_size_max",
-                            value,
-                            "a size such as '128MB', '64KiB' or '1GB' (1KiB to 1GiB)",
-                        )
-                    })?;
-                    if !(FILE_SIZE_MIN_BYTES..=FILE_SIZE_MAX_BYTES).contains(&bytes) {
-                        return Err(bad_option(
-                            "file_size_max",
-                            value,
-                            "a size from '1KiB' to '1GiB'",
-                        ));
-                    }
-                    file_size_max_bytes = bytes;
-                }
-                "rollover" => {
-                    let duration = parse_duration(value).ok_or_else(|| {
-                        bad_option(
-                            "rollover",
-                            value,
-                            "a duration such as '500ms', '10s', '1 min' or '1 hour'",
-                        )
-                    })?;
-                    if duration < ROLLOVER_MIN {
-                        return Err(bad_option(
-                            "rollover",
-                            value,
-                            "a duration of at least '100ms'",
-                        ));
-                    }
-                    rollover = duration;
-                }
-                "changelog" => changelog = parse_bool("changelog", value)?,
-                "region" => s3.region = Some(value.clone()),
-                "endpoint" => s3.endpoint = Some(value.trim_end_matches('/').to_string()),
-                "access_key_id" => s3.access_key_id = Some(value.clone()),
-                "secret_access_key" => s3.secret_access_key = Some(value.clone()),
-                "session_token" => s3.session_token = Some(value.clone()),
-                "allow_http" => s3.allow_http = Some(parse_bool("allow_http", value)?),
-                _ => {
-                    return Err(WeirError::new(
-                        SqlState::INVALID_PARAMETER_VALUE,
-                        format!("unknown option \"{key}\" for a parquet sink"),
-                    )
-                    .with_hint(format!("valid options: {}", OPTIONS.join(", "))));
-                }
-            }
-        }
-        let path = path.ok_or_else(|| {
-            WeirError::new(
-                SqlState::INVALID_PARAMETER_VALUE,
-                "a parquet sink needs a path",
-            )
-            .with_hint("add path = 'file:///absolute/dir' or path = 's3://bucket/prefix'")
-        })?;
-        let target = parse_target(&path)?;
-        if let (ParquetTarget::Local { .. }, Some(key)) = (&target, s3_keys.first()) {
-            return Err(WeirError::new(
-                SqlState::INVALID_PARAMETER_VALUE,
-                format!("option \"{key}\" applies only to s3:// paths"),
-            )
-            .with_hint(format!(
-                "remove it, or write to path = 's3://bucket/prefix' (path is '{path}')"
-            )));
-        }
-        Ok(ParquetSinkConfig {
-            path,
-            target,
-            partition_by,
-            file_size_max_bytes,
-            rollover,
-            changelog,
-            s3,
-        })
-    }
-}
-
-fn bad_option(key: &str, value: &str, accepted: &str) -> WeirError {
-    WeirError::new(
-        SqlState::INVALID_PARAMETER_VALUE,
-        format!("invalid value for parquet sink option \"{key}\": \"{value}\""),
-    )
-    .with_hint(format!("{key} takes {accepted}"))
-}
-
-fn parse_bool(key: &str, value: &str) -> WeirResult<bool> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "true" | "on" | "yes" | "1" => Ok(true),
-        "false" | "off" | "no" | "0" => Ok(false),
-        _ => Err(bad_option(key, value, "'true' or 'false'")),
-    }
-}
-
-/// `'128MB'`, `'64KiB'`, `'1 GB'`, `'4096'` → bytes; units as Weir's other size settings
-/// read them (KB = KiB = 1024 bytes, as PostgreSQL does).
-fn parse_bytes(text: &str) -> Option<u64> {
-    let (number, unit) = split_number(text)?;
-    let factor: f64 = match unit.as_str() {
-        "" | "b" | "bytes" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    let bytes = number * factor;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
-}
-
-/// `'500ms'`, `'10s'`, `'1 min'`, `'2 hours'`: the forms Weir's other duration settings take.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let (number, unit) = split_number(text)?;
-    let factor_ms: f64 = match unit.as_str() {
-        "ms" | "millisecond" | "milliseconds" => 1.0,
-        "" | "s" | "sec" | "secs" | "second" | "seconds" => 1_000.0,
-        "m" | "min" | "mins" | "minute" | "minutes" => 60_000.0,
-        "h" | "hour" | "hours" => 3_600_000.0,
-        "d" | "day" | "days" => 86_400_000.0,
-        _ => return None,
-    };
-    let ms = number * factor_ms;
-    (ms.is_finite() && ms >= 0.0 && ms < u64::MAX as f64).then(|| Duration::from_millis(ms as u64))
-}
-
-/// `" 1.5 MB"` → `(1.5, "mb")`.
-fn split_number(text: &str) -> Option<(f64, String)> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    Some((number.parse().ok()?, unit.trim().to_ascii_lowercase()))
-}
-
-fn parse_target(path: &str) -> WeirResult<ParquetTarget> {
-    let bad = |why: &str| {
-        WeirError::new(
-            SqlState::INVALID_PARAMETER_VALUE,
-            format!("invalid parquet sink path \"{path}\": {why}"),
-        )
-        .with_hint("write path = 'file:///absolute/dir' or path = 's3://bucket/prefix'")
-    };
-    if let Some(rest) = path.strip_prefix("file://") {
-        if !rest.starts_with('/') {
-            return Err(bad("a file:// path must be absolute (file:///dir)"));
-        }
-        let dir = PathBuf::from(rest);
-        if dir
-            .components()
-            .any(|c| c == std::path::Component::ParentDir)
-        {
-            return Err(bad("'..' is not allowed"));
-        }
-        return Ok(ParquetTarget::Local { dir });
-    }
-    if let Some(rest) = path.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(bad("no bucket name"));
-        }
-        let prefix = prefix.trim_matches('/');
-        ObjectPath::parse(prefix).map_err(|e| bad(&e.to_string()))?;
-        return Ok(ParquetTarget::S3 {
-            bucket: bucket.to_string(),
-            prefix: prefix.to_string(),
-        });
-    }
-    Err(bad("unknown scheme"))
-}
 
 /// A file being filled: the rows of one partition since it was opened.
 #[derive(Debug)]
@@ -418,6 +127,9 @@ pub struct ParquetSink {
     staging: ObjectPath,
     /// Columns `write` receives.
     input_schema: SchemaRef,
+    /// `input_schema` plus `op` for a changelog sink: every batch is rebuilt with it, so
+    /// files and checkpoints never depend on how the dataflow named or typed its batches.
+    written_schema: SchemaRef,
     /// Index of the `partition_by` column in `input_schema`.
     partition_column: Option<usize>,
     /// Columns of the written rows (`input_schema` + `op`) that go into the files.
@@ -429,6 +141,10 @@ pub struct ParquetSink {
     open_bytes: usize,
     /// Closed files not yet uploaded (uploaded by `tick` and `precommit`).
     closed: VecDeque<ClosedFile>,
+    /// Encoded bytes in `closed`, bounded by [`CLOSED_BYTES_MAX`].
+    closed_bytes: usize,
+    /// After a failed upload, `tick` tries again no earlier than this.
+    upload_retry_at: Option<Instant>,
     /// Uploaded files not yet part of a precommit.
     staged: Vec<StagedFile>,
     /// Precommitted files by epoch, waiting for `commit`.
@@ -478,7 +194,7 @@ impl ParquetSink {
             }
             fields.push(Arc::new(Field::new(OP_COLUMN, DataType::Utf8, false)));
         }
-        let written = Schema::new(fields);
+        let written = Arc::new(Schema::new(fields));
         let file_columns: Vec<usize> = (0..written.fields().len())
             .filter(|i| Some(*i) != partition_column)
             .collect();
@@ -505,6 +221,7 @@ impl ParquetSink {
             root,
             staging,
             input_schema: schema,
+            written_schema: written,
             partition_column,
             file_columns,
             file_schema,
@@ -514,6 +231,8 @@ impl ParquetSink {
             open: BTreeMap::new(),
             open_bytes: 0,
             closed: VecDeque::new(),
+            closed_bytes: 0,
+            upload_retry_at: None,
             staged: Vec::new(),
             precommitted: BTreeMap::new(),
             epoch: 1,
@@ -521,11 +240,6 @@ impl ParquetSink {
         };
         sink.probe().await?;
         Ok(sink)
-    }
-
-    /// The columns of the Parquet files (the view's, less `partition_by`, plus `op`).
-    pub fn file_schema(&self) -> &SchemaRef {
-        &self.file_schema
     }
 
     async fn probe(&self) -> WeirResult<()> {
@@ -576,26 +290,15 @@ impl ParquetSink {
                 (rows, Some(weights))
             }
         };
-        if !self.config.changelog {
-            return Ok(rows);
-        }
-        let op: ArrayRef = match weights {
-            None => Arc::new(StringArray::from(vec!["insert"; rows.num_rows()])),
-            Some(weights) => {
-                let inserts = gt(&weights, &Int64Array::new_scalar(0)).map_err(arrow_internal)?;
-                zip(
-                    &inserts,
-                    &StringArray::new_scalar("insert"),
-                    &StringArray::new_scalar("delete"),
-                )
-                .map_err(arrow_internal)?
-            }
-        };
-        let mut fields: Vec<Arc<Field>> = self.input_schema.fields().iter().cloned().collect();
-        fields.push(Arc::new(Field::new(OP_COLUMN, DataType::Utf8, false)));
         let mut columns = rows.columns().to_vec();
-        columns.push(op);
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(arrow_internal)
+        if self.config.changelog {
+            columns.push(op_column(weights.as_ref(), rows.num_rows())?);
+        }
+        RecordBatch::try_new(self.written_schema.clone(), columns).map_err(|e| {
+            WeirError::internal(format!(
+                "parquet sink got rows that do not match the view's columns: {e}"
+            ))
+        })
     }
 
     /// Adds `rows` (already in the file's columns) to the open file of `partition`, closing it
@@ -650,6 +353,7 @@ impl ParquetSink {
             },
             parquet: bytes::Bytes::from(parquet),
         });
+        self.closed_bytes += self.closed.back().map_or(0, |c| c.parquet.len());
         Ok(())
     }
 
@@ -679,6 +383,7 @@ impl ParquetSink {
                 .await
                 .map_err(|e| self.store_error("write to", &e))?;
             if let Some(closed) = self.closed.pop_front() {
+                self.closed_bytes -= closed.parquet.len();
                 self.staged.push(closed.file);
             }
         }
@@ -897,7 +602,24 @@ impl Sink for ParquetSink {
         for partition in due {
             self.close(&partition)?;
         }
-        self.upload().await
+        if self.upload_retry_at.is_some_and(|at| now < at) {
+            return Ok(());
+        }
+        // A store that fails now may answer at the next tick: the closed files wait in memory
+        // (up to a bound) and `precommit` fails the checkpoint meanwhile, which the runtime
+        // retries; only a backlog past the bound stops the sink.
+        match self.upload().await {
+            Ok(()) => {
+                self.upload_retry_at = None;
+                Ok(())
+            }
+            Err(e) if self.closed_bytes <= CLOSED_BYTES_MAX => {
+                tracing::warn!(sink = %self.name, error = %e, "parquet upload failed; retrying");
+                self.upload_retry_at = Some(Instant::now() + UPLOAD_RETRY_DELAY);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn precommit(&mut self, epoch: u64) -> WeirResult<Vec<u8>> {
@@ -934,6 +656,8 @@ impl Sink for ParquetSink {
         self.open.clear();
         self.open_bytes = 0;
         self.closed.clear();
+        self.closed_bytes = 0;
+        self.upload_retry_at = None;
         self.staged.clear();
         self.precommitted.clear();
         self.epoch = epoch + 1;
@@ -951,6 +675,20 @@ impl Sink for ParquetSink {
         // Files staged after the checkpoint: their rows will be written again.
         self.clear_staging().await
     }
+}
+
+/// The `op` column of a changelog sink: `insert` for a positive weight, else `delete`.
+fn op_column(weights: Option<&Int64Array>, rows: usize) -> WeirResult<ArrayRef> {
+    let Some(weights) = weights else {
+        return Ok(Arc::new(StringArray::from(vec!["insert"; rows])));
+    };
+    let inserts = gt(weights, &Int64Array::new_scalar(0)).map_err(arrow_internal)?;
+    zip(
+        &inserts,
+        &StringArray::new_scalar("insert"),
+        &StringArray::new_scalar("delete"),
+    )
+    .map_err(arrow_internal)
 }
 
 /// The index of `column` in `schema`, or 42703 listing the columns.
@@ -1036,200 +774,6 @@ fn encode_parquet(
         writer.write(batch).map_err(encode_error)?;
     }
     writer.into_inner().map_err(encode_error)
-}
-
-/// The store for `config.target` and the key prefix inside it.
-async fn build_store(config: &ParquetSinkConfig) -> WeirResult<(Arc<dyn ObjectStore>, ObjectPath)> {
-    match &config.target {
-        ParquetTarget::Local { dir } => {
-            if let Err(e) = tokio::fs::create_dir_all(dir).await {
-                let state = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    SqlState::INSUFFICIENT_PRIVILEGE
-                } else {
-                    SqlState::IO_ERROR
-                };
-                return Err(WeirError::new(
-                    state,
-                    format!(
-                        "could not create directory \"{}\" for a parquet sink: {e}",
-                        dir.display()
-                    ),
-                )
-                .with_hint("choose a path the server's user can write to"));
-            }
-            let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| {
-                WeirError::new(
-                    SqlState::IO_ERROR,
-                    format!(
-                        "could not open directory \"{}\" for a parquet sink: {e}",
-                        dir.display()
-                    ),
-                )
-                .with_hint("choose a path the server's user can write to")
-            })?;
-            Ok((Arc::new(store), ObjectPath::default()))
-        }
-        ParquetTarget::S3 { bucket, prefix } => {
-            let s3 = &config.s3;
-            let http_endpoint = s3
-                .endpoint
-                .as_deref()
-                .is_some_and(|e| e.starts_with("http://"));
-            let env_allows_http = std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true");
-            if http_endpoint && s3.allow_http != Some(true) && !env_allows_http {
-                return Err(WeirError::new(
-                    SqlState::INVALID_PARAMETER_VALUE,
-                    format!(
-                        "endpoint \"{}\" is plain http, which a parquet sink refuses by default",
-                        s3.endpoint.as_deref().unwrap_or_default()
-                    ),
-                )
-                .with_hint("add allow_http = 'true', or use an https:// endpoint"));
-            }
-            let mut builder = AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_retry(RetryConfig {
-                    backoff: BackoffConfig::default(),
-                    max_retries: S3_MAX_RETRIES,
-                    retry_timeout: S3_RETRY_TIMEOUT,
-                })
-                .with_config(
-                    AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                    S3_CONNECT_TIMEOUT,
-                )
-                .with_config(
-                    AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
-                    S3_REQUEST_TIMEOUT,
-                );
-            if let Some(region) = &s3.region {
-                builder = builder.with_region(region);
-            }
-            if let Some(endpoint) = &s3.endpoint {
-                builder = builder.with_endpoint(endpoint);
-            }
-            if let Some(key) = &s3.access_key_id {
-                builder = builder.with_access_key_id(key);
-            }
-            if let Some(secret) = &s3.secret_access_key {
-                builder = builder.with_secret_access_key(secret);
-            }
-            if let Some(token) = &s3.session_token {
-                builder = builder.with_token(token);
-            }
-            if let Some(allow) = s3.allow_http {
-                builder = builder.with_allow_http(allow);
-            }
-            let store = builder.build().map_err(|e| {
-                WeirError::new(
-                    SqlState::INVALID_PARAMETER_VALUE,
-                    format!("invalid S3 settings for bucket \"{bucket}\": {e}"),
-                )
-                .with_hint("check region, endpoint and the AWS_ environment variables")
-            })?;
-            let root = ObjectPath::parse(prefix).map_err(|e| {
-                WeirError::new(
-                    SqlState::INVALID_PARAMETER_VALUE,
-                    format!("invalid S3 prefix \"{prefix}\": {e}"),
-                )
-                .with_hint("write path = 's3://bucket/prefix'")
-            })?;
-            Ok((Arc::new(store), root))
-        }
-    }
-}
-
-/// Classifies an object store error by what the user must do about it.
-fn store_error(config: &ParquetSinkConfig, action: &str, err: &object_store::Error) -> WeirError {
-    match &config.target {
-        ParquetTarget::Local { .. } => {
-            let denied = matches!(err, object_store::Error::PermissionDenied { .. })
-                || io_error_kind(err) == Some(std::io::ErrorKind::PermissionDenied);
-            let state = if denied {
-                SqlState::INSUFFICIENT_PRIVILEGE
-            } else {
-                SqlState::IO_ERROR
-            };
-            WeirError::new(
-                state,
-                format!("parquet sink could not {action} \"{}\"", config.path),
-            )
-            .with_hint("check that the directory exists and the server's user can write to it")
-        }
-        ParquetTarget::S3 { bucket, .. } => {
-            let endpoint = s3_endpoint_text(&config.s3);
-            match err {
-                object_store::Error::NotFound { .. } if action == "write to" => WeirError::new(
-                    SqlState::UNDEFINED_OBJECT,
-                    format!("S3 bucket \"{bucket}\" does not exist at {endpoint}"),
-                )
-                .with_hint("create the bucket first, or check the path, endpoint and region"),
-                object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. } => WeirError::new(
-                    SqlState::INSUFFICIENT_PRIVILEGE,
-                    format!(
-                        "S3 refused access to bucket \"{bucket}\" at {endpoint} (could not {action} it)"
-                    ),
-                )
-                .with_hint(
-                    "check access_key_id and secret_access_key (or the AWS_ environment \
-                     variables) and the bucket's policy",
-                ),
-                _ if is_connect_error(err) => WeirError::new(
-                    SqlState::UNABLE_TO_CONNECT,
-                    format!("could not reach S3 endpoint {endpoint} for bucket \"{bucket}\""),
-                )
-                .with_hint("check endpoint, region and allow_http, and that the server is up"),
-                _ => WeirError::new(
-                    SqlState::IO_ERROR,
-                    format!("parquet sink could not {action} S3 bucket \"{bucket}\" at {endpoint}"),
-                )
-                .with_hint("check the bucket, endpoint and credentials; the detail has S3's answer"),
-            }
-        }
-    }
-}
-
-fn s3_endpoint_text(s3: &S3Config) -> String {
-    match (&s3.endpoint, &s3.region) {
-        (Some(endpoint), _) => endpoint.clone(),
-        (None, Some(region)) => format!("AWS region {region}"),
-        (None, None) => match std::env::var("AWS_ENDPOINT") {
-            Ok(endpoint) => endpoint,
-            Err(_) => "the default AWS endpoint".to_string(),
-        },
-    }
-}
-
-/// The kind of the first `std::io::Error` in `err`'s source chain.
-fn io_error_kind(err: &object_store::Error) -> Option<std::io::ErrorKind> {
-    let mut source = err.source();
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io.kind());
-        }
-        source = e.source();
-    }
-    None
-}
-
-/// Whether the request never reached a server (refused, timed out, no route, DNS).
-fn is_connect_error(err: &object_store::Error) -> bool {
-    if matches!(
-        io_error_kind(err),
-        Some(
-            std::io::ErrorKind::ConnectionRefused
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::TimedOut
-                | std::io::ErrorKind::HostUnreachable
-                | std::io::ErrorKind::NetworkUnreachable
-        )
-    ) {
-        return true;
-    }
-    let text = format!("{err}").to_ascii_lowercase();
-    ["error sending request", "connect", "dns", "timed out"]
-        .iter()
-        .any(|needle| text.contains(needle))
 }
 
 /// Percent-encodes what Hive escapes in partition directory values (`/`, `=`, `:`, `%`, ...),
@@ -1344,42 +888,6 @@ mod tests {
         }
         out.sort();
         out
-    }
-
-    #[test]
-    fn options_are_checked() {
-        let config = ParquetSinkConfig::from_options(&options(&[
-            ("connector", "parquet"),
-            ("path", "s3://bucket/a/b/"),
-            ("file_size_max", "64KiB"),
-            ("rollover", "500ms"),
-            ("changelog", "true"),
-            ("endpoint", "http://127.0.0.1:9000/"),
-        ]))
-        .expect("valid options");
-        assert_eq!(
-            config.target,
-            ParquetTarget::S3 {
-                bucket: "bucket".into(),
-                prefix: "a/b".into()
-            }
-        );
-        assert_eq!(config.file_size_max_bytes, 64 * 1024);
-        assert_eq!(config.rollover, Duration::from_millis(500));
-        assert!(config.changelog);
-        assert_eq!(config.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
-        for bad in [
-            vec![("path", "file:///tmp/x"), ("colour", "red")],
-            vec![("path", "relative/dir")],
-            vec![("path", "file:///tmp/x"), ("file_size_max", "lots")],
-            vec![("path", "file:///tmp/x"), ("rollover", "1 fortnight")],
-            vec![("path", "file:///tmp/x"), ("region", "eu-west-1")],
-            vec![("rollover", "1s")],
-        ] {
-            let err = ParquetSinkConfig::from_options(&options(&bad)).expect_err("refused");
-            assert_eq!(err.sqlstate, SqlState::INVALID_PARAMETER_VALUE, "{bad:?}");
-            assert!(err.hint.is_some(), "{bad:?} has no hint");
-        }
     }
 
     #[tokio::test]
