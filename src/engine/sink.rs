@@ -96,19 +96,21 @@ async fn make_sink(
     options: &[(String, String)],
     format: Option<&str>,
 ) -> WeirResult<(Box<dyn Sink>, String, &'static str)> {
-    let view = weir.lock_views().get(from).cloned().ok_or_else(|| {
-        match weir.inner.catalog.get(from) {
-            Some(r) => WeirError::new(
-                SqlState("42809"),
-                format!("\"{from}\" is a {}, not a materialized view", r.kind.noun()),
-            )
-            .with_hint("a sink sends out a materialized view: CREATE MATERIALIZED VIEW first"),
-            None => WeirError::new(
-                SqlState::UNDEFINED_TABLE,
-                format!("materialized view \"{from}\" does not exist"),
-            ),
-        }
-    })?;
+    let view =
+        weir.lock_views()
+            .get(from)
+            .cloned()
+            .ok_or_else(|| match weir.inner.catalog.get(from) {
+                Some(r) => WeirError::new(
+                    SqlState("42809"),
+                    format!("\"{from}\" is a {}, not a materialized view", r.kind.noun()),
+                )
+                .with_hint("a sink sends out a materialized view: CREATE MATERIALIZED VIEW first"),
+                None => WeirError::new(
+                    SqlState::UNDEFINED_TABLE,
+                    format!("materialized view \"{from}\" does not exist"),
+                ),
+            })?;
     let connector = options
         .iter()
         .find(|(k, _)| k == "connector")
@@ -118,7 +120,9 @@ async fn make_sink(
                 SqlState::INVALID_PARAMETER_VALUE,
                 "CREATE SINK needs a connector",
             )
-            .with_hint(format!("add WITH (connector = '...'); connectors: {CONNECTORS}"))
+            .with_hint(format!(
+                "add WITH (connector = '...'); connectors: {CONNECTORS}"
+            ))
         })?;
     let is_append_only = append_only(weir, &view.plan, view.emit_on_window_close);
     let schema = view.schema.clone();
@@ -231,10 +235,7 @@ pub(super) async fn create_sink(
     if let Some(ms) = checkpoint_interval_ms {
         sql.push_str(&format!("{CHECKPOINT_MARK}{ms}"));
     }
-    let relation = weir
-        .inner
-        .catalog
-        .create(name, RelationKind::Sink, sql)?;
+    let relation = weir.inner.catalog.create(name, RelationKind::Sink, sql)?;
     if let Err(e) = open_sink(weir, relation).await {
         let _ = weir.inner.catalog.drop_relation(name);
         return Err(e);
@@ -271,7 +272,11 @@ pub(super) async fn open_sink(weir: &Weir, relation: Relation) -> WeirResult<()>
         Some(crate::sql::Statement::Weir(WeirStatement::CreateMaterializedView {
             query, ..
         })) => view::strip_marks(&query).to_string(),
-        _ => return Err(WeirError::internal("view definition is not CREATE MATERIALIZED VIEW")),
+        _ => {
+            return Err(WeirError::internal(
+                "view definition is not CREATE MATERIALIZED VIEW",
+            ));
+        }
     };
     let parallelism = view::stored_parallelism(&view.relation.sql);
     let dataflow = build_dataflow(
@@ -286,12 +291,10 @@ pub(super) async fn open_sink(weir: &Weir, relation: Relation) -> WeirResult<()>
     let fingerprint = format!("{}\n{}", relation.sql, view.relation.sql);
     let (checkpointing, checkpoints) = checkpointing(weir, &relation, fingerprint);
     let progress = Arc::new(Mutex::new(Progress::default()));
-    let running = dataflow
-        .with_checkpoints(checkpointing)
-        .start_output(
-            &format!("sink-{}", relation.name),
-            Output::Sink(sink, progress.clone()),
-        )?;
+    let running = dataflow.with_checkpoints(checkpointing).start_output(
+        &format!("sink-{}", relation.name),
+        Output::Sink(sink, progress.clone()),
+    )?;
     let handle = Arc::new(SinkHandle {
         relation: relation.clone(),
         from: from.clone(),

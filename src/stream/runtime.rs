@@ -509,8 +509,10 @@ impl Dataflow {
                     // shows in weir_sinks. State is unchanged by the attempt.
                     tracing::warn!(error = %e, "checkpoint failed");
                     if let Some(c) = &self.checkpointing {
-                        c.history.lock().unwrap_or_else(|p| p.into_inner()).last_error =
-                            Some(e.to_string());
+                        c.history
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .last_error = Some(e.to_string());
                     }
                 }
                 next_checkpoint = interval.map(|i| tokio::time::Instant::now() + i);
@@ -777,7 +779,10 @@ impl Dataflow {
                     Err(e) if attempt < 5 => {
                         attempt += 1;
                         tracing::warn!(error = %e, attempt, "sink commit failed; retrying");
-                        c.history.lock().unwrap_or_else(|p| p.into_inner()).last_error =
+                        c.history
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .last_error =
                             Some(format!("commit of epoch {epoch} failed (retrying): {e}"));
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(5));

@@ -73,7 +73,9 @@ fn table_changes(i: u64) -> String {
     }
     if i > 0 {
         let old = (i - 1) * 20;
-        sql.push_str(&format!("UPDATE readings SET x = x + 100 WHERE id = {old};"));
+        sql.push_str(&format!(
+            "UPDATE readings SET x = x + 100 WHERE id = {old};"
+        ));
         sql.push_str(&format!("DELETE FROM readings WHERE id = {};", old + 1));
     }
     sql
@@ -105,7 +107,11 @@ async fn run(client: &Client, sql: &str) {
 
 async fn setup(client: &Client) {
     run(client, SOURCE).await;
-    run(client, "CREATE TABLE readings (id BIGINT PRIMARY KEY, grp BIGINT, x BIGINT)").await;
+    run(
+        client,
+        "CREATE TABLE readings (id BIGINT PRIMARY KEY, grp BIGINT, x BIGINT)",
+    )
+    .await;
     run(client, "SET streaming_parallelism = 2").await;
     for (_, create, _) in VIEWS {
         run(client, create).await;
@@ -159,7 +165,11 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
         "SELECT dataflow, epoch, bytes FROM weir_checkpoints ORDER BY dataflow",
     )
     .await;
-    assert_eq!(epochs.len(), VIEWS.len(), "one checkpoint per view: {epochs:?}");
+    assert_eq!(
+        epochs.len(),
+        VIEWS.len(),
+        "one checkpoint per view: {epochs:?}"
+    );
     for row in &epochs {
         assert_eq!(row[1].as_deref(), Some("1"), "first epoch: {row:?}");
         let bytes: i64 = row[2].as_deref().unwrap_or("0").parse().unwrap();
@@ -177,7 +187,10 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
     let c = server.connect().await;
     // Views answer from the restored epoch at once (no FLUSH yet: the checkpoint's 300
     // bids at least), then catch up on the 200 later bids.
-    let n: i64 = simple_value(&c, "SELECT n FROM overall").await.parse().unwrap();
+    let n: i64 = simple_value(&c, "SELECT n FROM overall")
+        .await
+        .parse()
+        .unwrap();
     assert!((300..=500).contains(&n), "restored before serving: {n}");
     assert_same(&contents(&c).await, &before_crash, "after kill -9");
     let restored = simple_rows(
@@ -185,11 +198,19 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
         "SELECT dataflow FROM weir_checkpoints WHERE restored AND epoch = 1 ORDER BY dataflow",
     )
     .await;
-    assert_eq!(restored.len(), VIEWS.len(), "every view restored epoch 1: {restored:?}");
+    assert_eq!(
+        restored.len(),
+        VIEWS.len(),
+        "every view restored epoch 1: {restored:?}"
+    );
     // The views read only what followed the checkpoint: the source's counters (kept in
     // memory) saw the 200 later bids, not the whole log again.
     assert_eq!(
-        simple_value(&c, "SELECT messages FROM weir_source_stats WHERE source = 'bids'").await,
+        simple_value(
+            &c,
+            "SELECT messages FROM weir_source_stats WHERE source = 'bids'"
+        )
+        .await,
         "200"
     );
 
@@ -207,7 +228,11 @@ async fn views_resume_from_their_checkpoint_after_kill9() {
         run(client, &bids(700, 800)).await;
         run(client, &table_changes(4)).await;
     }
-    assert_same(&contents(&c).await, &contents(&r).await, "after the second crash");
+    assert_same(
+        &contents(&c).await,
+        &contents(&r).await,
+        "after the second crash",
+    );
     drop(c);
     let status = server.stop().await;
     assert!(status.success(), "weir should exit cleanly, got {status}");

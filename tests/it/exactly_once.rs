@@ -956,3 +956,194 @@ async fn readme_rabbitmq_to_parquet_walkthrough_runs() {
     assert_no_panics(&log);
     assert_no_error_lines(&log);
 }
+
+/// The S3 objects a sink committed under `bucket` (not its staging area), with the `key`
+/// partition value from each object's `key=<v>/` directory.
+async fn s3_windows(store: &object_store::aws::AmazonS3) -> Vec<WindowRow> {
+    use futures::TryStreamExt;
+    use object_store::{ObjectStore, ObjectStoreExt};
+    let objects: Vec<_> = store
+        .list(None)
+        .try_collect()
+        .await
+        .expect("list the bucket");
+    let mut rows = Vec::new();
+    for object in objects {
+        let path = object.location.to_string();
+        if path.contains("/_weir_staging/") || !path.ends_with(".parquet") {
+            continue;
+        }
+        let key: i64 = path
+            .split('/')
+            .find_map(|part| part.strip_prefix("key="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{path} is not under a key=<v>/ directory"));
+        let bytes = store
+            .get(&object.location)
+            .await
+            .expect("get a committed object")
+            .bytes()
+            .await
+            .expect("read a committed object");
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap_or_else(|e| panic!("{path} is not Parquet: {e}"))
+            .build()
+            .expect("a Parquet reader");
+        for batch in reader {
+            let batch = batch.expect("a batch");
+            assert!(
+                batch.column_by_name("key").is_none(),
+                "the partition column is in the path"
+            );
+            let int64 = |name: &str| {
+                let column = batch.column_by_name(name).expect("a window column");
+                let column = match column.data_type() {
+                    DataType::Timestamp(_, _) => {
+                        cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))
+                            .expect("timestamp to ms")
+                    }
+                    _ => column.clone(),
+                };
+                cast(&column, &DataType::Int64)
+                    .expect("as BIGINT")
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .to_vec()
+            };
+            let (start, n, total) = (int64("window_start"), int64("n"), int64("total"));
+            for i in 0..batch.num_rows() {
+                rows.push((key, start[i], n[i], total[i]));
+            }
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// The same pipeline into S3 (moto, started here) partitioned by key, and back out to a
+/// RabbitMQ queue through a rabbitmq sink: both hold every window exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_to_s3_partitioned_and_back_to_rabbitmq() {
+    const EVENTS: u64 = 20_000;
+    let Some((connection, channel)) = rabbitmq("rabbitmq_to_s3_partitioned").await else {
+        return;
+    };
+    let Some(moto) = s3::MotoServer::start().await else {
+        return;
+    };
+    let bucket = unique("bucket").replace('_', "-");
+    moto.create_bucket(&bucket).await;
+    let input = unique("s3_in");
+    let output = unique("s3_out");
+    channel
+        .queue_declare(
+            output.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare the output queue");
+
+    let server = crate::harness::TestServer::start().await;
+    let client = server.connect().await;
+    run(&client, "SET checkpoint_interval = '300ms'").await;
+    run(
+        &client,
+        &source_sql(
+            &format!(
+                "connector = 'rabbitmq', url = '{AMQP_URL}', queue = '{input}', declare = 'true'"
+            ),
+            5,
+        ),
+    )
+    .await;
+    run(&client, VIEW_SQL).await;
+    run(
+        &client,
+        &format!(
+            "CREATE SINK to_s3 FROM per_second WITH (connector = 'parquet', \
+             path = 's3://{bucket}/windows', partition_by = 'key', rollover = '200ms', {})",
+            moto.sink_options()
+        ),
+    )
+    .await;
+    run(
+        &client,
+        &format!(
+            "CREATE SINK to_queue FROM per_second WITH (connector = 'rabbitmq', \
+             url = '{AMQP_URL}', routing_key = '{output}') FORMAT JSON"
+        ),
+    )
+    .await;
+    let published = Arc::new(AtomicU64::new(0));
+    let channel = publish_events(channel, input.clone(), EVENTS, published).await;
+    confirmed(publish(&channel, &input, closing_event_json(EVENTS).as_bytes()).await).await;
+    wait_for_closing_event(&client).await;
+
+    let want = expected_windows(EVENTS);
+    let store = moto.store(&bucket);
+    let store = &store;
+    let want_ref = &want;
+    poll_until("every window in S3", || async move {
+        let rows = s3_windows(store).await;
+        (&rows == want_ref).then_some(())
+    })
+    .await;
+
+    // The rabbitmq sink: one message per window, each message_id once.
+    let mut got: Vec<WindowRow> = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    within("every window in the output queue", async {
+        while got.len() < want.len() {
+            let message = channel
+                .basic_get(
+                    output.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get");
+            let Some(message) = message else {
+                // Nothing ready yet: the next commit publishes more.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let id = message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .expect("a message_id");
+            assert!(ids.insert(id.clone()), "message {id} published twice");
+            let row: serde_json::Value =
+                serde_json::from_slice(&message.delivery.data).expect("a JSON row");
+            let start = chrono::NaiveDateTime::parse_from_str(
+                row["window_start"].as_str().expect("window_start text"),
+                "%Y-%m-%dT%H:%M:%S",
+            )
+            .expect("an ISO window_start")
+            .and_utc()
+            .timestamp_millis();
+            got.push((
+                row["key"].as_i64().expect("key"),
+                start,
+                row["n"].as_i64().expect("n"),
+                row["total"].as_i64().expect("total"),
+            ));
+        }
+    })
+    .await;
+    got.sort();
+    assert_eq!(got, want, "the output queue holds every window once");
+    let _ = channel
+        .queue_delete(output.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel
+        .queue_delete(input.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    drop(connection);
+    server.shutdown().await;
+}
