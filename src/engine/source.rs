@@ -478,7 +478,8 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation, monitor: bool) 
             source: handle.clone(),
         }),
     )?;
-    weir.lock_sources().insert(relation.name.clone(), handle.clone());
+    weir.lock_sources()
+        .insert(relation.name.clone(), handle.clone());
     if monitor {
         start_monitor(weir, &handle)?;
     }

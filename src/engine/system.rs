@@ -383,7 +383,12 @@ impl SystemKind {
                     .collect();
                 let history: Vec<_> = s
                     .iter()
-                    .map(|s| s.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                    .map(|s| {
+                        s.checkpoints
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                    })
                     .collect();
                 vec![
                     strings(s.iter().map(|s| s.relation.name.clone())),
@@ -412,30 +417,49 @@ impl SystemKind {
             SystemKind::Checkpoints => {
                 let mut rows: Vec<(String, &'static str, crate::state::Manifest, bool)> =
                     Vec::new();
-                let mut add = |name: &str, kind: &'static str, h: &crate::stream::CheckpointHistory| {
-                    for m in &h.recent {
-                        rows.push((name.to_string(), kind, m.clone(), h.restored_epoch == Some(m.epoch)));
-                    }
-                };
+                let mut add =
+                    |name: &str, kind: &'static str, h: &crate::stream::CheckpointHistory| {
+                        for m in &h.recent {
+                            rows.push((
+                                name.to_string(),
+                                kind,
+                                m.clone(),
+                                h.restored_epoch == Some(m.epoch),
+                            ));
+                        }
+                    };
                 for v in weir.open_views() {
-                    let h = v.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let h = v
+                        .checkpoints
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
                     add(&v.relation.name, "materialized view", &h);
                 }
                 for s in weir.open_sinks() {
-                    let h = s.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let h = s
+                        .checkpoints
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
                     add(&s.relation.name, "sink", &h);
                 }
                 vec![
                     strings(rows.iter().map(|r| r.0.clone())),
                     strings(rows.iter().map(|r| r.1.to_string())),
-                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2.epoch as i64))),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|r| r.2.epoch as i64),
+                    )),
                     Arc::new(TimestampNanosecondArray::from_iter_values(
-                        rows.iter().map(|r| r.2.taken_at_ms.saturating_mul(1_000_000)),
+                        rows.iter()
+                            .map(|r| r.2.taken_at_ms.saturating_mul(1_000_000)),
                     )),
                     Arc::new(Int64Array::from_iter_values(
                         rows.iter().map(|r| r.2.duration_ms as i64),
                     )),
-                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2.bytes as i64))),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|r| r.2.bytes as i64),
+                    )),
                     Arc::new(arrow::array::BooleanArray::from(
                         rows.iter().map(|r| r.3).collect::<Vec<_>>(),
                     )),

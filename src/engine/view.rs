@@ -25,8 +25,8 @@ use crate::plan::from_datafusion;
 use crate::plan::stream::{Resolved, StreamCatalog, compile};
 use crate::plan::window::WindowTable;
 use crate::sql::WeirStatement;
-use crate::state::ZSetState;
 use crate::state::CheckpointStore;
+use crate::state::ZSetState;
 use crate::stream::{
     CheckpointHistory, Checkpointing, DataflowBuilder, Progress, RunningDataflow, ViewOutput,
 };

@@ -100,12 +100,16 @@ impl<'a> SnapshotReader<'a> {
 
     pub fn u64(&mut self) -> WeirResult<u64> {
         let b = self.take(8)?;
-        Ok(u64::from_le_bytes(b.try_into().map_err(|_| corrupt("u64"))?))
+        Ok(u64::from_le_bytes(
+            b.try_into().map_err(|_| corrupt("u64"))?,
+        ))
     }
 
     pub fn i64(&mut self) -> WeirResult<i64> {
         let b = self.take(8)?;
-        Ok(i64::from_le_bytes(b.try_into().map_err(|_| corrupt("i64"))?))
+        Ok(i64::from_le_bytes(
+            b.try_into().map_err(|_| corrupt("i64"))?,
+        ))
     }
 
     pub fn bytes(&mut self) -> WeirResult<&'a [u8]> {

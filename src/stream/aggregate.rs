@@ -642,9 +642,13 @@ impl AggregateOperator {
             .filter_map(|&s| self.groups[s].as_ref())
             .collect();
         for k in 0..n_keys {
-            let array =
-                ScalarValue::iter_to_array(groups.iter().map(|g| g.key[k].clone())).map_err(eval_error)?;
-            fields.push(arrow::datatypes::Field::new(format!("k{k}"), array.data_type().clone(), true));
+            let array = ScalarValue::iter_to_array(groups.iter().map(|g| g.key[k].clone()))
+                .map_err(eval_error)?;
+            fields.push(arrow::datatypes::Field::new(
+                format!("k{k}"),
+                array.data_type().clone(),
+                true,
+            ));
             columns.push(array);
         }
         let counts: ArrayRef = Arc::new(arrow::array::Int64Array::from_iter_values(
@@ -654,10 +658,21 @@ impl AggregateOperator {
             groups.iter().map(|g| g.window_end).collect::<Vec<_>>(),
         ));
         let emitted_flags: ArrayRef = Arc::new(arrow::array::BooleanArray::from(
-            groups.iter().map(|g| g.emitted.is_some()).collect::<Vec<_>>(),
+            groups
+                .iter()
+                .map(|g| g.emitted.is_some())
+                .collect::<Vec<_>>(),
         ));
-        for (name, array) in [("count", counts), ("window_end", ends), ("emitted", emitted_flags)] {
-            fields.push(arrow::datatypes::Field::new(name, array.data_type().clone(), true));
+        for (name, array) in [
+            ("count", counts),
+            ("window_end", ends),
+            ("emitted", emitted_flags),
+        ] {
+            fields.push(arrow::datatypes::Field::new(
+                name,
+                array.data_type().clone(),
+                true,
+            ));
             columns.push(array);
         }
         for a in 0..self.aggs.len() {
@@ -667,10 +682,16 @@ impl AggregateOperator {
                 .unwrap_or_else(|| self.schema.field(n_keys + a).data_type().clone());
             let null = ScalarValue::try_from(&data_type).map_err(eval_error)?;
             let array = ScalarValue::iter_to_array(groups.iter().map(|g| {
-                g.emitted.as_ref().map_or_else(|| null.clone(), |e| e[a].clone())
+                g.emitted
+                    .as_ref()
+                    .map_or_else(|| null.clone(), |e| e[a].clone())
             }))
             .map_err(eval_error)?;
-            fields.push(arrow::datatypes::Field::new(format!("e{a}"), array.data_type().clone(), true));
+            fields.push(arrow::datatypes::Field::new(
+                format!("e{a}"),
+                array.data_type().clone(),
+                true,
+            ));
             columns.push(array);
         }
         let mut groups: Vec<Group> = slots
@@ -691,7 +712,11 @@ impl AggregateOperator {
                         builder.append_value(&bytes);
                     }
                     let array: ArrayRef = Arc::new(builder.finish());
-                    fields.push(arrow::datatypes::Field::new(format!("v{a}"), array.data_type().clone(), true));
+                    fields.push(arrow::datatypes::Field::new(
+                        format!("v{a}"),
+                        array.data_type().clone(),
+                        true,
+                    ));
                     columns.push(array);
                     continue;
                 }
@@ -721,7 +746,11 @@ impl AggregateOperator {
                 for f in 0..width {
                     let array = ScalarValue::iter_to_array(states.iter().map(|s| s[f].clone()))
                         .map_err(eval_error)?;
-                    fields.push(arrow::datatypes::Field::new(format!("s{a}_{f}"), array.data_type().clone(), true));
+                    fields.push(arrow::datatypes::Field::new(
+                        format!("s{a}_{f}"),
+                        array.data_type().clone(),
+                        true,
+                    ));
                     columns.push(array);
                 }
             }
@@ -732,7 +761,9 @@ impl AggregateOperator {
         }
         result?;
         let schema = Arc::new(arrow::datatypes::Schema::new(fields));
-        RecordBatch::try_new(schema, columns).map(Some).map_err(internal)
+        RecordBatch::try_new(schema, columns)
+            .map(Some)
+            .map_err(internal)
     }
 
     fn restore_groups(&mut self, batch: &RecordBatch) -> WeirResult<()> {
@@ -867,7 +898,10 @@ fn decode_multiset(mut bytes: &[u8]) -> WeirResult<BTreeMap<Vec<u8>, i64>> {
             .map_err(|_| bad())?;
         let (value, rest) = rest.split_at_checked(len).ok_or_else(bad)?;
         let (n, rest) = rest.split_at_checked(8).ok_or_else(bad)?;
-        map.insert(value.to_vec(), i64::from_le_bytes(n.try_into().map_err(|_| bad())?));
+        map.insert(
+            value.to_vec(),
+            i64::from_le_bytes(n.try_into().map_err(|_| bad())?),
+        );
         bytes = rest;
     }
     Ok(map)

@@ -307,10 +307,17 @@ impl WindowAggregateOperator {
         let mut fields: Vec<arrow::datatypes::Field> = columns
             .iter()
             .enumerate()
-            .map(|(k, c)| arrow::datatypes::Field::new(format!("k{k}"), c.data_type().clone(), true))
+            .map(|(k, c)| {
+                arrow::datatypes::Field::new(format!("k{k}"), c.data_type().clone(), true)
+            })
             .collect();
         for (a, acc) in window.accumulators.iter_mut().enumerate() {
-            for (f, state) in acc.state(EmitTo::All).map_err(eval_error)?.into_iter().enumerate() {
+            for (f, state) in acc
+                .state(EmitTo::All)
+                .map_err(eval_error)?
+                .into_iter()
+                .enumerate()
+            {
                 fields.push(arrow::datatypes::Field::new(
                     format!("s{a}_{f}"),
                     state.data_type().clone(),

@@ -86,9 +86,15 @@ async fn sql_reference_examples_run() {
     assert_eq!(pages, vec![text(&["/home", "1"])]);
     // The sink published each closed window once, at the checkpoint.
     let sunk = harness::simple_rows(&client, "SELECT payload FROM closed_windows ORDER BY 1").await;
-    assert_eq!(sunk.len(), hot.len(), "one message per closed window: {sunk:?}");
+    assert_eq!(
+        sunk.len(),
+        hot.len(),
+        "one message per closed window: {sunk:?}"
+    );
     assert!(
-        sunk[0][0].as_deref().is_some_and(|p| p.contains("\"top\":150")),
+        sunk[0][0]
+            .as_deref()
+            .is_some_and(|p| p.contains("\"top\":150")),
         "{sunk:?}"
     );
     server.shutdown().await;

@@ -1,6 +1,6 @@
 //! Weir's own storage as sources: a built-in topic read as a source ([`TopicSource`]: one more
 //! reader of the topic, at its own offsets) and a table's change log ([`TableSource`]: inserts
-//! and retractions, in commit order).
+//! and retractions, in commit order); and a topic as a sink ([`TopicSink`], `sink.rs`).
 
 mod sink;
 

@@ -152,7 +152,12 @@ impl Sink for TopicSink {
     }
 
     async fn commit(&mut self, epoch: u64) -> WeirResult<()> {
-        let ready: Vec<_> = self.staged.iter().filter(|s| s.0 <= epoch).cloned().collect();
+        let ready: Vec<_> = self
+            .staged
+            .iter()
+            .filter(|s| s.0 <= epoch)
+            .cloned()
+            .collect();
         for (e, _, payloads) in &ready {
             self.publish(*e, payloads, &HashSet::new())?;
         }

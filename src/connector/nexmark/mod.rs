@@ -327,7 +327,11 @@ impl Source for NexmarkSource {
     }
 
     fn seek(&mut self, positions: &[u64]) -> WeirResult<()> {
-        self.next = positions.first().copied().unwrap_or(0).min(self.config.events);
+        self.next = positions
+            .first()
+            .copied()
+            .unwrap_or(0)
+            .min(self.config.events);
         Ok(())
     }
 
