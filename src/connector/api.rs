@@ -90,3 +90,31 @@ pub trait Sink: Send {
 
     async fn restore(&mut self, epoch: u64, state: Option<&[u8]>) -> WeirResult<()>;
 }
+
+/// A topic or broker sink's messages for `changes`: one encoded row each (JSON or CSV, the
+/// source formats). A deletion is refused: such sinks only append (0A000, saying how to get
+/// an append-only view).
+pub fn encode_appends(
+    changes: &ChangeBatch,
+    format: crate::format::decode::SourceFormat,
+    sink: &str,
+) -> WeirResult<Vec<Vec<u8>>> {
+    if changes
+        .weights
+        .as_ref()
+        .is_some_and(|w| w.values().iter().any(|&x| x != 1))
+    {
+        return Err(crate::types::WeirError::unsupported(
+            format!("a {sink} sink received a retraction: its view is not append-only"),
+            "sink a view defined WITH EMIT ON WINDOW CLOSE, or one without aggregates",
+        ));
+    }
+    match format {
+        crate::format::decode::SourceFormat::Json => {
+            crate::format::decode::encode_json(&changes.rows)
+        }
+        crate::format::decode::SourceFormat::Csv => {
+            crate::format::decode::encode_csv(&changes.rows)
+        }
+    }
+}

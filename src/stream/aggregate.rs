@@ -787,24 +787,9 @@ impl AggregateOperator {
                     .map_err(|e| WeirError::internal(format!("group key: {e}")))?,
             )
         };
-        let counts = column("count")?;
-        let counts = counts
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .ok_or_else(|| WeirError::internal("aggregate snapshot counts"))?
-            .clone();
-        let ends = column("window_end")?;
-        let ends = ends
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .ok_or_else(|| WeirError::internal("aggregate snapshot window ends"))?
-            .clone();
-        let flags = column("emitted")?;
-        let flags = flags
-            .as_any()
-            .downcast_ref::<arrow::array::BooleanArray>()
-            .ok_or_else(|| WeirError::internal("aggregate snapshot flags"))?
-            .clone();
+        let counts: arrow::array::Int64Array = typed(&column("count")?)?;
+        let ends: arrow::array::Int64Array = typed(&column("window_end")?)?;
+        let flags: arrow::array::BooleanArray = typed(&column("emitted")?)?;
         let emitted: Vec<ArrayRef> = (0..self.aggs.len())
             .map(|a| column(&format!("e{a}")))
             .collect::<WeirResult<_>>()?;
@@ -846,14 +831,8 @@ impl AggregateOperator {
                         acc.merge_batch(&slice).map_err(eval_error)?;
                     }
                     None => {
-                        let bytes = column(&format!("v{a}"))?;
-                        let bytes = bytes
-                            .as_any()
-                            .downcast_ref::<arrow::array::BinaryArray>()
-                            .ok_or_else(|| WeirError::internal("aggregate snapshot values"))?
-                            .value(row)
-                            .to_vec();
-                        values[a] = decode_multiset(&bytes)?;
+                        let bytes: arrow::array::BinaryArray = typed(&column(&format!("v{a}"))?)?;
+                        values[a] = decode_multiset(bytes.value(row))?;
                     }
                 }
             }
@@ -887,6 +866,15 @@ impl AggregateOperator {
         }
         Ok(())
     }
+}
+
+/// A snapshot column as its concrete array type.
+fn typed<A: Array + Clone + 'static>(column: &ArrayRef) -> WeirResult<A> {
+    column
+        .as_any()
+        .downcast_ref::<A>()
+        .cloned()
+        .ok_or_else(|| WeirError::internal("aggregate snapshot column has another type"))
 }
 
 fn decode_multiset(mut bytes: &[u8]) -> WeirResult<BTreeMap<Vec<u8>, i64>> {

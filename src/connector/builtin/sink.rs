@@ -13,8 +13,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::connector::api::Sink;
-use crate::format::decode::{SourceFormat, encode_csv, encode_json};
+use crate::connector::api::{Sink, encode_appends};
+use crate::format::decode::SourceFormat;
 use crate::queue::Topic;
 use crate::queue::topic::Message;
 use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
@@ -113,20 +113,7 @@ impl Sink for TopicSink {
     }
 
     fn write(&mut self, changes: &ChangeBatch) -> WeirResult<()> {
-        if changes
-            .weights
-            .as_ref()
-            .is_some_and(|w| w.values().iter().any(|&x| x != 1))
-        {
-            return Err(WeirError::unsupported(
-                "a topic sink received a retraction: its view is not append-only",
-                "sink a view defined WITH EMIT ON WINDOW CLOSE, or one without aggregates",
-            ));
-        }
-        let encoded = match self.format {
-            SourceFormat::Json => encode_json(&changes.rows)?,
-            SourceFormat::Csv => encode_csv(&changes.rows)?,
-        };
+        let encoded = encode_appends(changes, self.format, "topic")?;
         self.open.extend(encoded);
         Ok(())
     }

@@ -14,8 +14,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 use super::{AMQPUri, DEFAULT_URL, RabbitMqConfig, RabbitMqMode, StreamStart, connect, invalid};
-use crate::connector::api::Sink;
-use crate::format::decode::{SourceFormat, encode_csv, encode_json};
+use crate::connector::api::{Sink, encode_appends};
+use crate::format::decode::SourceFormat;
 use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
 
 /// Options of `CREATE SINK ... WITH (connector = 'rabbitmq', ...)`.
@@ -221,20 +221,7 @@ impl Sink for RabbitSink {
     }
 
     fn write(&mut self, changes: &ChangeBatch) -> WeirResult<()> {
-        if changes
-            .weights
-            .as_ref()
-            .is_some_and(|w| w.values().iter().any(|&x| x != 1))
-        {
-            return Err(WeirError::unsupported(
-                "a rabbitmq sink received a retraction: its view is not append-only",
-                "sink a view defined WITH EMIT ON WINDOW CLOSE, or one without aggregates",
-            ));
-        }
-        let encoded = match self.format {
-            SourceFormat::Json => encode_json(&changes.rows)?,
-            SourceFormat::Csv => encode_csv(&changes.rows)?,
-        };
+        let encoded = encode_appends(changes, self.format, "rabbitmq")?;
         self.open.extend(encoded);
         Ok(())
     }
