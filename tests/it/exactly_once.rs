@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type, TimeUnit};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
 };
@@ -36,12 +36,12 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::harness::{
-    BinaryServer, assert_no_error_lines, assert_no_panics, poll_until, psql, simple_value,
-    temp_dir_with_log, try_connect, within,
+    BinaryServer, assert_no_error_lines, assert_no_panics, committed_parquet_files, poll_until,
+    psql, simple_value, temp_dir_with_log, try_connect, within,
 };
+use crate::rabbitmq::{AMQP_URL, connect_or_skip, unique};
 use crate::s3;
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The server flags of every run here: checkpoints (and so commits) every 300 ms.
 const SERVER_ARGS: &[&str] = &["--checkpoint-interval", "300ms"];
 /// 2026-01-01 00:00:00 UTC in epoch milliseconds: event `n` happens at `BASE_MS + n`.
@@ -114,46 +114,6 @@ async fn run(client: &Client, sql: &str) {
     within(sql, client.batch_execute(sql))
         .await
         .unwrap_or_else(|err| panic!("`{sql}` failed: {err:?}"));
-}
-
-/// A name no other test run uses.
-fn unique(prefix: &str) -> String {
-    format!("weir_it_{prefix}_{:08x}", rand::random::<u32>())
-}
-
-/// Whether a missing broker fails the test (CI) instead of skipping it.
-fn require_brokers() -> bool {
-    std::env::var("WEIR_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
-}
-
-/// A confirming channel to RabbitMQ, or `None` (having said why) when it does not answer;
-/// with `WEIR_REQUIRE_BROKERS=1` a missing broker fails the test instead.
-async fn rabbitmq(test: &str) -> Option<(Connection, Channel)> {
-    let attempt = tokio::time::timeout(
-        Duration::from_secs(5),
-        Connection::connect(AMQP_URL, ConnectionProperties::default()),
-    )
-    .await;
-    let why = match attempt {
-        Ok(Ok(connection)) => {
-            let channel = connection
-                .create_channel()
-                .await
-                .expect("open a RabbitMQ channel");
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .expect("enable publisher confirms");
-            return Some((connection, channel));
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "no answer within 5s".to_string(),
-    };
-    if require_brokers() {
-        panic!("RabbitMQ at {AMQP_URL} did not answer ({why}) and WEIR_REQUIRE_BROKERS=1");
-    }
-    eprintln!("skipping {test}: RabbitMQ at {AMQP_URL} did not answer ({why})");
-    None
 }
 
 /// Deletes a test's queue when dropped, also when the test fails (a stream of 200,000
@@ -239,30 +199,6 @@ async fn publish_events(
     channel
 }
 
-/// Every committed `.parquet` file under a sink directory (not the `_weir_staging` area).
-fn committed_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.file_name().is_some_and(|n| n == "_weir_staging") {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// The rows of one Parquet file of the sink, read with the `parquet` crate's Arrow reader.
 fn parquet_windows(path: &Path) -> Vec<WindowRow> {
     let file = std::fs::File::open(path)
@@ -311,9 +247,9 @@ struct Committed {
 impl Committed {
     /// Every committed row, sorted; fails the test at once if a window appears twice.
     fn rows(&mut self, dir: &Path) -> Vec<WindowRow> {
-        for file in committed_files(dir) {
+        for file in committed_parquet_files(dir) {
             self.files
-                .entry(file)
+                .entry(dir.join(file))
                 .or_insert_with_key(|file| parquet_windows(file));
         }
         let mut rows: Vec<WindowRow> = self.files.values().flatten().copied().collect();
@@ -472,9 +408,9 @@ impl Crashing {
                 };
             }
             Kill::AfterCommit => {
-                let before = committed_files(sink_dir).len();
+                let before = committed_parquet_files(sink_dir).len();
                 poll_until("the sink to commit a new file", || async {
-                    (committed_files(sink_dir).len() > before).then_some(())
+                    (committed_parquet_files(sink_dir).len() > before).then_some(())
                 })
                 .await;
                 server.kill9().await;
@@ -534,7 +470,7 @@ impl Crashing {
 /// `events` events.
 async fn rabbitmq_crash_run(test: &str, mode: &str, events: u64, plan: &[(Trigger, Kill)]) {
     let started = Instant::now();
-    let Some((connection, channel)) = rabbitmq(test).await else {
+    let Some((connection, channel)) = connect_or_skip(test).await else {
         return;
     };
     let queue = unique(mode);
@@ -848,7 +784,7 @@ fn readme_walkthrough() -> (String, Vec<String>) {
 async fn readme_rabbitmq_to_parquet_walkthrough_runs() {
     const TEST: &str = "readme_rabbitmq_to_parquet_walkthrough_runs";
     const READINGS: u64 = 2400;
-    let Some((connection, _channel)) = rabbitmq(TEST).await else {
+    let Some((connection, _channel)) = connect_or_skip(TEST).await else {
         return;
     };
     let Some(python) = s3::python() else {
@@ -919,7 +855,7 @@ async fn readme_rabbitmq_to_parquet_walkthrough_runs() {
     // The reader runs again only when the set of committed files changed.
     let seen: std::sync::Mutex<(Vec<PathBuf>, Option<Vec<String>>)> = Default::default();
     poll_until("the reader to print every window", || async {
-        let files = committed_files(&out);
+        let files = committed_parquet_files(&out);
         let stale = {
             let seen = seen.lock().expect("not poisoned");
             seen.1.is_none() || seen.0 != files
@@ -1025,7 +961,7 @@ async fn s3_windows(store: &object_store::aws::AmazonS3) -> Vec<WindowRow> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_to_s3_partitioned_and_back_to_rabbitmq() {
     const EVENTS: u64 = 20_000;
-    let Some((connection, channel)) = rabbitmq("rabbitmq_to_s3_partitioned").await else {
+    let Some((connection, channel)) = connect_or_skip("rabbitmq_to_s3_partitioned").await else {
         return;
     };
     let Some(moto) = s3::MotoServer::start().await else {

@@ -499,3 +499,35 @@ pub fn temp_dir_with_log() -> (TempDir, PathBuf) {
     let log = dir.path().join("server.log");
     (dir, log)
 }
+
+/// Every file under `dir`, relative to it, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(dir) {
+                out.push(rel.to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every committed `.parquet` file of a local Parquet sink directory, relative to it and
+/// sorted: not the ones in its `_weir_staging` area.
+pub fn committed_parquet_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|f| {
+            !f.starts_with("_weir_staging") && f.extension().is_some_and(|e| e == "parquet")
+        })
+        .collect()
+}

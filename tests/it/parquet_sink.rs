@@ -23,7 +23,8 @@ use tokio_postgres::Client;
 use weir::format::pgtext::to_pg_text;
 
 use crate::harness::{
-    BinaryServer, TestServer, assert_no_panics, poll_until, simple_rows, temp_dir_with_log, within,
+    BinaryServer, TestServer, assert_no_panics, committed_parquet_files, files_under, poll_until,
+    simple_rows, temp_dir_with_log, within,
 };
 use crate::s3::{self, MotoServer};
 
@@ -100,6 +101,15 @@ async fn lines(client: &Client, sql: &str) -> Vec<String> {
                     .join("|")
             })
             .collect(),
+    )
+}
+
+/// The sink `archive` of `per_window` into the local directory `dir`, rolling over quickly.
+fn archive_sink(dir: &Path) -> String {
+    format!(
+        "CREATE SINK archive FROM per_window WITH (connector = 'parquet', \
+         path = 'file://{}', rollover = '100ms')",
+        dir.display()
     )
 }
 
@@ -183,35 +193,11 @@ fn parquet_rows(bytes: Bytes, partition: Option<&str>) -> Vec<String> {
     rows
 }
 
-/// Every file under `dir`, relative to it.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(rel) = path.strip_prefix(dir) {
-                out.push(rel.to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// The committed rows under a local sink directory: every `.parquet` file outside the
 /// `_`-prefixed staging directory, sorted.
 fn local_rows(dir: &Path) -> Vec<String> {
     let mut rows = Vec::new();
-    for file in files_under(dir) {
-        if file.starts_with("_weir_staging") {
-            continue;
-        }
+    for file in committed_parquet_files(dir) {
         let partition = file
             .parent()
             .and_then(|p| p.to_str())
@@ -271,15 +257,7 @@ async fn closed_windows_reach_local_parquet_files_once() {
     let out = TempDir::new().expect("a temp dir");
     // A directory that does not exist yet: the sink creates it.
     let dir = out.path().join("archive");
-    run(
-        &client,
-        &format!(
-            "CREATE SINK archive FROM per_window WITH (connector = 'parquet', \
-             path = 'file://{}', rollover = '100ms')",
-            dir.display()
-        ),
-    )
-    .await;
+    run(&client, &archive_sink(&dir)).await;
     let shown = simple_rows(&client, "SHOW SINKS").await;
     assert_eq!(shown.len(), 1, "{shown:?}");
     assert_eq!(
@@ -533,6 +511,13 @@ async fn sinks_that_cannot_write_are_refused() {
     let sink = |with: &str| {
         format!("CREATE SINK bad FROM per_window WITH (connector = 'parquet', {with})")
     };
+    // A sink into `out` with one more option.
+    let into_out = |option: &str| {
+        sink(&format!(
+            "path = 'file://{}', {option}",
+            out.path().display()
+        ))
+    };
     let mut cases: Vec<(String, &str, Vec<String>)> = vec![
         (
             sink(&format!("path = 'file://{}/sub'", blocker.display())),
@@ -546,26 +531,13 @@ async fn sinks_that_cannot_write_are_refused() {
             vec!["/sys/weir-parquet-sink".into()],
         ),
         (
-            sink(&format!(
-                "path = 'file://{}', partition_by = 'region'",
-                out.path().display()
-            )),
+            into_out("partition_by = 'region'"),
             "42703",
             vec!["region".into()],
         ),
+        (into_out("colour = 'red'"), "22023", vec!["colour".into()]),
         (
-            sink(&format!(
-                "path = 'file://{}', colour = 'red'",
-                out.path().display()
-            )),
-            "22023",
-            vec!["colour".into()],
-        ),
-        (
-            sink(&format!(
-                "path = 'file://{}', file_size_max = 'huge'",
-                out.path().display()
-            )),
+            into_out("file_size_max = 'huge'"),
             "22023",
             vec!["file_size_max".into()],
         ),
@@ -625,15 +597,7 @@ async fn a_parquet_sink_writes_each_row_once_across_kill_9() {
     let client = server.connect().await;
     run(&client, SOURCE).await;
     run(&client, WINDOW_VIEW).await;
-    run(
-        &client,
-        &format!(
-            "CREATE SINK archive FROM per_window WITH (connector = 'parquet', \
-             path = 'file://{}', rollover = '100ms')",
-            files.display()
-        ),
-    )
-    .await;
+    run(&client, &archive_sink(&files)).await;
     run(&client, &insert_bids(FIRST_BIDS)).await;
     run(&client, "FLUSH").await;
     poll_until("the first windows to be committed", || async {
@@ -672,9 +636,8 @@ async fn a_parquet_sink_writes_each_row_once_across_kill_9() {
         },
     )
     .await;
-    let by_file: BTreeMap<PathBuf, usize> = files_under(&files)
+    let by_file: BTreeMap<PathBuf, usize> = committed_parquet_files(&files)
         .into_iter()
-        .filter(|f| !f.starts_with("_weir_staging"))
         .map(|f| {
             let n = parquet_rows(
                 Bytes::from(std::fs::read(files.join(&f)).expect("read")),

@@ -11,6 +11,8 @@
 //! tests print a line and pass, unless `WEIR_REQUIRE_BROKERS=1` (CI), when they fail. Every
 //! queue and exchange is named at random and deleted at the end.
 
+use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,8 +32,9 @@ use crate::harness::{
     BinaryServer, TestServer, assert_no_error_lines, assert_no_panics, expect_sqlstate, poll_until,
     simple_rows, simple_value, temp_dir_with_log, within,
 };
+use crate::s3;
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// The test's own connection to RabbitMQ, with a confirming channel to publish on and the
 /// queues and exchanges to delete at the end.
@@ -42,9 +45,10 @@ struct Broker {
     exchanges: Vec<String>,
 }
 
-/// Connects to RabbitMQ, or returns `None` (the test then passes, having said why) when it does
-/// not answer; with `WEIR_REQUIRE_BROKERS=1` a missing broker fails the test instead.
-async fn require_rabbitmq(test: &str) -> Option<Broker> {
+/// Connects to RabbitMQ with a confirming channel, or returns `None` (the test then passes,
+/// having said why) when it does not answer; with `WEIR_REQUIRE_BROKERS=1` a missing broker
+/// fails the test instead. Shared with [`crate::exactly_once`].
+pub(crate) async fn connect_or_skip(test: &str) -> Option<(Connection, Channel)> {
     let attempt = tokio::time::timeout(
         Duration::from_secs(5),
         Connection::connect(AMQP_URL, ConnectionProperties::default()),
@@ -60,25 +64,31 @@ async fn require_rabbitmq(test: &str) -> Option<Broker> {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .expect("enable publisher confirms");
-            return Some(Broker {
-                connection,
-                channel,
-                queues: Vec::new(),
-                exchanges: Vec::new(),
-            });
+            return Some((connection, channel));
         }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no answer within 5s".to_string(),
     };
-    if std::env::var("WEIR_REQUIRE_BROKERS").is_ok_and(|v| v == "1") {
+    if s3::require_brokers() {
         panic!("RabbitMQ at {AMQP_URL} did not answer ({why}) and WEIR_REQUIRE_BROKERS=1");
     }
     eprintln!("skipping {test}: RabbitMQ at {AMQP_URL} did not answer ({why})");
     None
 }
 
+/// [`connect_or_skip`] as a [`Broker`].
+async fn require_rabbitmq(test: &str) -> Option<Broker> {
+    let (connection, channel) = connect_or_skip(test).await?;
+    Some(Broker {
+        connection,
+        channel,
+        queues: Vec::new(),
+        exchanges: Vec::new(),
+    })
+}
+
 /// A name no other test run uses.
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!("weir_it_{prefix}_{:08x}", rand::random::<u32>())
 }
 
@@ -200,6 +210,14 @@ impl Broker {
             .expect("delete the queue");
     }
 
+    /// Waits until `queue` has no ready messages.
+    async fn wait_until_drained(&self, queue: &str) {
+        poll_until(&format!("{queue} to be drained"), || async {
+            (self.ready(queue).await == 0).then_some(())
+        })
+        .await;
+    }
+
     /// Deletes what the test created (best effort: a test that failed may have left less).
     async fn cleanup(self) {
         for queue in &self.queues {
@@ -264,6 +282,63 @@ fn create_source(name: &str, columns: &str, with: &str) -> String {
     format!(
         "CREATE SOURCE {name} ({columns}) WITH (connector = 'rabbitmq', url = '{AMQP_URL}', {with}) FORMAT JSON"
     )
+}
+
+/// Runs [`create_source`]'s statement, which must succeed.
+async fn run_create_source(client: &Client, name: &str, columns: &str, with: &str) {
+    client
+        .batch_execute(&create_source(name, columns, with))
+        .await
+        .unwrap_or_else(|e| panic!("create the source {name}: {e}"));
+}
+
+/// The real binary over `data`, and a client of it.
+async fn start_binary(data: &Path, log: &Path) -> (BinaryServer, Client) {
+    let server = BinaryServer::start(data, log).await;
+    let client = server.connect().await;
+    (server, client)
+}
+
+/// Publishes `body(id)` for every id in `ids` to `queue` from a task with its own connection,
+/// so that publishing goes on while the test kills the server.
+fn spawn_publisher(
+    queue: &str,
+    ids: Range<i64>,
+    body: fn(i64) -> String,
+) -> tokio::task::JoinHandle<()> {
+    let queue = queue.to_string();
+    tokio::spawn(async move {
+        let broker = require_rabbitmq("publisher").await.expect("broker");
+        for id in ids {
+            broker.publish(&queue, &body(id)).await;
+        }
+        broker.cleanup().await;
+    })
+}
+
+/// A message told apart from the others only by its id.
+fn same_note(id: i64) -> String {
+    format!(r#"{{"id": {id}, "note": "same"}}"#)
+}
+
+/// Prints a source's counters after a `kill -9` and a restart, for the test's output.
+async fn report_after_restart(client: &Client, source: &str) {
+    let counters = simple_rows(
+        client,
+        &format!(
+            "SELECT received, appended, duplicates FROM weir_sources WHERE source = '{source}'"
+        ),
+    )
+    .await;
+    eprintln!("{source} after kill -9: received, appended, duplicates = {counters:?}");
+}
+
+/// Stops the binary, which must exit cleanly with neither a panic nor an `ERROR` in its log.
+async fn stop_cleanly(server: BinaryServer, log: &Path) {
+    let status = server.stop().await;
+    assert!(status.success(), "weir should exit cleanly, got {status}");
+    assert_no_panics(log);
+    assert_no_error_lines(log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,10 +441,7 @@ async fn queue_source_feeds_a_window_view_and_dead_letters_bad_messages() {
             "exactly once: acknowledged after the durable append; redeliveries deduplicated",
         ])]
     );
-    poll_until("the queue to be empty", || async {
-        (broker.ready(&queue).await == 0).then_some(())
-    })
-    .await;
+    broker.wait_until_drained(&queue).await;
     // SHOW SOURCES shows the ingest state too; a broker source refuses writes.
     let show = simple_rows(&client, "SHOW SOURCES").await;
     assert_eq!(
@@ -402,16 +474,15 @@ async fn exchange_binding_routes_only_the_routing_key() {
     let queue = broker.queue_name("eu_orders");
     let server = TestServer::start().await;
     let client = server.connect().await;
-    client
-        .batch_execute(&create_source(
-            "eu_orders",
-            "id BIGINT, region TEXT",
-            &format!(
-                "queue = '{queue}', declare = 'true', exchange = '{exchange}', routing_key = 'orders.eu'"
-            ),
-        ))
-        .await
-        .expect("create a source bound to the exchange");
+    run_create_source(
+        &client,
+        "eu_orders",
+        "id BIGINT, region TEXT",
+        &format!(
+            "queue = '{queue}', declare = 'true', exchange = '{exchange}', routing_key = 'orders.eu'"
+        ),
+    )
+    .await;
     for (id, key) in [
         (1, "orders.eu"),
         (2, "orders.us"),
@@ -482,16 +553,14 @@ async fn stream_source_resumes_after_kill_9_without_loss_or_duplicates() {
     }
     let (dir, log) = temp_dir_with_log();
     let data = dir.path().join("data");
-    let server = BinaryServer::start(&data, &log).await;
-    let client = server.connect().await;
-    client
-        .batch_execute(&create_source(
-            "events",
-            "id BIGINT",
-            &format!("queue = '{stream}', mode = 'stream', start = 'first', prefetch = 64"),
-        ))
-        .await
-        .expect("create the stream source");
+    let (server, client) = start_binary(&data, &log).await;
+    run_create_source(
+        &client,
+        "events",
+        "id BIGINT",
+        &format!("queue = '{stream}', mode = 'stream', start = 'first', prefetch = 64"),
+    )
+    .await;
     wait_for_rows(&client, "events", 300).await;
     assert_eq!(
         simple_value(
@@ -502,16 +571,7 @@ async fn stream_source_resumes_after_kill_9_without_loss_or_duplicates() {
         "exactly once: stream offset stored with each message"
     );
     // More messages arrive while the server reads; kill it in the middle of them.
-    let publisher = {
-        let stream = stream.clone();
-        tokio::spawn(async move {
-            let broker = require_rabbitmq("stream publisher").await.expect("broker");
-            for id in 300..1500 {
-                broker.publish(&stream, &format!(r#"{{"id": {id}}}"#)).await;
-            }
-            broker.cleanup().await;
-        })
-    };
+    let publisher = spawn_publisher(&stream, 300..1500, |id| format!(r#"{{"id": {id}}}"#));
     poll_until("the server to read past 400", || async {
         let (n, _) = counts(&client, "events").await;
         (n > 400).then_some(())
@@ -522,8 +582,7 @@ async fn stream_source_resumes_after_kill_9_without_loss_or_duplicates() {
     within("the publisher to finish", publisher)
         .await
         .expect("publisher task");
-    let server = BinaryServer::start(&data, &log).await;
-    let client = server.connect().await;
+    let (server, client) = start_binary(&data, &log).await;
     // A stream is read in order: once the last message is in, all before it are.
     broker.publish(&stream, r#"{"id": 1500}"#).await;
     poll_until("the last message after the restart", || async {
@@ -532,12 +591,7 @@ async fn stream_source_resumes_after_kill_9_without_loss_or_duplicates() {
     })
     .await;
     assert_eq!(counts(&client, "events").await, (1501, 1501));
-    let after_restart = simple_rows(
-        &client,
-        "SELECT received, appended, duplicates FROM weir_sources WHERE source = 'events'",
-    )
-    .await;
-    eprintln!("stream source after kill -9: received, appended, duplicates = {after_restart:?}");
+    report_after_restart(&client, "events").await;
     assert_eq!(
         simple_value(
             &client,
@@ -547,10 +601,7 @@ async fn stream_source_resumes_after_kill_9_without_loss_or_duplicates() {
         "1501"
     );
     drop(client);
-    let status = server.stop().await;
-    assert!(status.success(), "weir should exit cleanly, got {status}");
-    assert_no_panics(&log);
-    assert_no_error_lines(&log);
+    stop_cleanly(server, &log).await;
     broker.cleanup().await;
 }
 
@@ -562,30 +613,17 @@ async fn queue_source_killed_while_publishing_keeps_every_message_exactly_once()
     let queue = broker.declare_queue("orders_q", false).await;
     let (dir, log) = temp_dir_with_log();
     let data = dir.path().join("data");
-    let server = BinaryServer::start(&data, &log).await;
-    let client = server.connect().await;
-    client
-        .batch_execute(&create_source(
-            "orders",
-            "id BIGINT, note TEXT",
-            &format!("queue = '{queue}', prefetch = 100"),
-        ))
-        .await
-        .expect("create the queue source");
+    let (server, client) = start_binary(&data, &log).await;
+    run_create_source(
+        &client,
+        "orders",
+        "id BIGINT, note TEXT",
+        &format!("queue = '{queue}', prefetch = 100"),
+    )
+    .await;
     const TOTAL: i64 = 3000;
-    let publisher = {
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            let broker = require_rabbitmq("queue publisher").await.expect("broker");
-            for id in 0..TOTAL {
-                // Equal notes: only the id tells messages apart.
-                broker
-                    .publish(&queue, &format!(r#"{{"id": {id}, "note": "same"}}"#))
-                    .await;
-            }
-            broker.cleanup().await;
-        })
-    };
+    // Equal notes: only the id tells messages apart.
+    let publisher = spawn_publisher(&queue, 0..TOTAL, same_note);
     poll_until("the server to have read 500 messages", || async {
         let (n, _) = counts(&client, "orders").await;
         (n >= 500).then_some(())
@@ -593,8 +631,7 @@ async fn queue_source_killed_while_publishing_keeps_every_message_exactly_once()
     .await;
     drop(client);
     server.kill9().await;
-    let server = BinaryServer::start(&data, &log).await;
-    let client = server.connect().await;
+    let (server, client) = start_binary(&data, &log).await;
     within("the publisher to finish", publisher)
         .await
         .expect("publisher task");
@@ -603,10 +640,7 @@ async fn queue_source_killed_while_publishing_keeps_every_message_exactly_once()
         (distinct == TOTAL).then_some(())
     })
     .await;
-    poll_until("the queue to be drained", || async {
-        (broker.ready(&queue).await == 0).then_some(())
-    })
-    .await;
+    broker.wait_until_drained(&queue).await;
     // A last message after all others: anything redelivered came before it.
     broker
         .publish(&queue, &format!(r#"{{"id": {TOTAL}, "note": "last"}}"#))
@@ -619,17 +653,9 @@ async fn queue_source_killed_while_publishing_keeps_every_message_exactly_once()
     )
     .await;
     assert_eq!(counts(&client, "orders").await, (TOTAL + 1, TOTAL + 1));
-    let after_restart = simple_rows(
-        &client,
-        "SELECT received, appended, duplicates FROM weir_sources WHERE source = 'orders'",
-    )
-    .await;
-    eprintln!("queue source after kill -9: received, appended, duplicates = {after_restart:?}");
+    report_after_restart(&client, "orders").await;
     drop(client);
-    let status = server.stop().await;
-    assert!(status.success(), "weir should exit cleanly, got {status}");
-    assert_no_panics(&log);
-    assert_no_error_lines(&log);
+    stop_cleanly(server, &log).await;
     broker.cleanup().await;
 }
 
@@ -762,26 +788,18 @@ async fn create_source_reports_broker_problems_with_sqlstates() {
     let message = unreachable.as_db_error().expect("a server error").message();
     assert!(message.contains("127.0.0.1:1"), "{message}");
     // Nothing was created by the failures: the name is free and the source works.
-    client
-        .batch_execute(&create_source(
-            "s",
-            "id BIGINT",
-            &format!("queue = '{classic}'"),
-        ))
-        .await
-        .expect("a good CREATE SOURCE after the failed ones");
+    run_create_source(&client, "s", "id BIGINT", &format!("queue = '{classic}'")).await;
     broker.publish(&classic, r#"{"id": 1}"#).await;
     wait_for_rows(&client, "s", 1).await;
     // A stream read in queue mode cannot be told at CREATE time without touching the queue;
     // the first delivery tells, nothing is stored, and the status says what to do.
-    client
-        .batch_execute(&create_source(
-            "wrong_mode",
-            "id BIGINT",
-            &format!("queue = '{stream}'"),
-        ))
-        .await
-        .expect("a queue-mode source over a stream is created");
+    run_create_source(
+        &client,
+        "wrong_mode",
+        "id BIGINT",
+        &format!("queue = '{stream}'"),
+    )
+    .await;
     // Consuming from a stream without an offset starts at the next message: publish once the
     // consumer is there.
     wait_for_value(
@@ -850,14 +868,7 @@ async fn ingest_reconnects_after_the_broker_drops_it() {
     let queue = broker.declare_queue("flaky", false).await;
     let server = TestServer::start().await;
     let client = server.connect().await;
-    client
-        .batch_execute(&create_source(
-            "flaky",
-            "id BIGINT",
-            &format!("queue = '{queue}'"),
-        ))
-        .await
-        .expect("create the source");
+    run_create_source(&client, "flaky", "id BIGINT", &format!("queue = '{queue}'")).await;
     for id in 0..5 {
         broker.publish(&queue, &format!(r#"{{"id": {id}}}"#)).await;
     }
@@ -1019,6 +1030,8 @@ impl IngestLog for CrashWindowLog {
         self.topic.end_offset(0)
     }
 
+    // The same mapping as the engine's topic-backed log (private to `weir::engine`); this one
+    // exists to inject the crash window, so it cannot wrap that one.
     fn read(&self, from: u64, max: usize) -> WeirResult<Vec<(u64, IngestMessage)>> {
         Ok(self
             .topic
@@ -1060,9 +1073,7 @@ async fn redeliveries_of_a_batch_appended_but_not_acknowledged_are_skipped() {
     let queue = broker.declare_queue("window", false).await;
     const TOTAL: i64 = 300;
     for id in 0..TOTAL {
-        broker
-            .publish(&queue, &format!(r#"{{"id": {id}, "note": "same"}}"#))
-            .await;
+        broker.publish(&queue, &same_note(id)).await;
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let log = Arc::new(CrashWindowLog::open(dir.path(), 2));
@@ -1101,10 +1112,7 @@ async fn redeliveries_of_a_batch_appended_but_not_acknowledged_are_skipped() {
         log.clone(),
         status.clone(),
     ));
-    poll_until("the queue to be drained", || async {
-        (broker.ready(&queue).await == 0).then_some(())
-    })
-    .await;
+    broker.wait_until_drained(&queue).await;
     // A last message after all others: the redeliveries came before it.
     broker
         .publish(&queue, &format!(r#"{{"id": {TOTAL}, "note": "last"}}"#))

@@ -10,7 +10,8 @@ use object_store::path::Path as ObjectPath;
 
 use crate::types::{SqlState, WeirError, WeirResult};
 
-/// Every option `CREATE SINK ... WITH (connector = 'parquet', ...)` accepts.
+/// Every option `CREATE SINK ... WITH (connector = 'parquet', ...)` accepts: the sink's own,
+/// then the S3 settings ([`S3_OPTIONS`]).
 pub const OPTIONS: &[&str] = &[
     "connector",
     "path",
@@ -26,15 +27,11 @@ pub const OPTIONS: &[&str] = &[
     "allow_http",
 ];
 
-/// The options that only mean something for an `s3://` path.
-const S3_OPTIONS: &[&str] = &[
-    "region",
-    "endpoint",
-    "access_key_id",
-    "secret_access_key",
-    "session_token",
-    "allow_http",
-];
+/// How many of [`OPTIONS`] come before the S3 settings.
+const SINK_OPTIONS_LEN: usize = 6;
+
+/// The options that only mean something for an `s3://` path: the tail of [`OPTIONS`].
+const S3_OPTIONS: &[&str] = OPTIONS.split_at(SINK_OPTIONS_LEN).1;
 
 const FILE_SIZE_MAX_DEFAULT_BYTES: u64 = 128 * 1024 * 1024;
 const FILE_SIZE_MIN_BYTES: u64 = 1024;
@@ -301,10 +298,11 @@ fn parse_target(path: &str) -> WeirResult<ParquetTarget> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn options(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    /// `WITH (...)` options as the engine passes them (shared with the sink's own tests).
+    pub(in crate::connector::parquet) fn options(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -332,6 +330,11 @@ mod tests {
         assert_eq!(config.file_size_max_bytes, 64 * 1024);
         assert_eq!(config.rollover, Duration::from_millis(500));
         assert!(config.changelog);
+        assert_eq!(
+            S3_OPTIONS.first(),
+            Some(&"region"),
+            "the S3 settings end OPTIONS"
+        );
         assert_eq!(config.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         for bad in [
             vec![("path", "file:///tmp/x"), ("colour", "red")],

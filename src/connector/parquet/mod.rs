@@ -863,14 +863,8 @@ mod tests {
     //! The two-phase commit on a local directory, below SQL: what `tests/it/parquet_sink.rs`
     //! cannot reach through pgwire (a restore from a given state, commit run twice).
 
+    use super::config::tests::options;
     use super::*;
-
-    fn options(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn files_under(dir: &std::path::Path) -> Vec<String> {
         let mut out = Vec::new();

@@ -224,21 +224,9 @@ pub async fn check(config: &RabbitMqConfig, source: &str) -> WeirResult<()> {
         Ok(channel) => {
             let consumed = if config.mode == RabbitMqMode::Stream {
                 // Only a stream takes the offset argument; reading from 'next' consumes nothing.
-                let mut arguments = FieldTable::default();
-                arguments.insert(
-                    HEADER_STREAM_OFFSET.into(),
-                    AMQPValue::LongString("next".into()),
-                );
-                channel
-                    .basic_consume(
-                        short(&config.queue)?,
-                        ShortString::from(""),
-                        BasicConsumeOptions::default(),
-                        arguments,
-                    )
+                consume(&channel, config, Some(AMQPValue::LongString("next".into())))
                     .await
                     .map(|_| ())
-                    .map_err(|e| queue_error(config, "consuming from", &e))
             } else {
                 Ok(())
             };
@@ -364,20 +352,9 @@ async fn queue_session(
         }
     };
     let mut redeliveries = Redeliveries::load(log, acked_through).await?;
-    let mut consumer = channel
-        .basic_consume(
-            short(&config.queue)?,
-            ShortString::from(""),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| queue_error(config, "consuming from", &e))?;
-    status.set_state("running");
-    *running = true;
+    let mut consumer = start_consuming(channel, config, None, status, running).await?;
     loop {
-        let batch = next_batch(config, &mut consumer, usize::from(config.prefetch)).await?;
-        IngestStatus::add(&status.received, batch.len());
+        let batch = next_batch(config, &mut consumer, status).await?;
         let mut messages = Vec::with_capacity(batch.len());
         let mut last_kept = None;
         let mut too_large = Vec::new();
@@ -479,22 +456,9 @@ async fn stream_session(
             (None, StreamStart::Next) => AMQPValue::LongString("next".into()),
             (None, StreamStart::Offset(n)) => AMQPValue::LongLongInt(n as i64), // checked at parse
         };
-    let mut arguments = FieldTable::default();
-    arguments.insert(HEADER_STREAM_OFFSET.into(), offset_arg);
-    let mut consumer = channel
-        .basic_consume(
-            short(&config.queue)?,
-            ShortString::from(""),
-            BasicConsumeOptions::default(),
-            arguments,
-        )
-        .await
-        .map_err(|e| queue_error(config, "consuming from", &e))?;
-    status.set_state("running");
-    *running = true;
+    let mut consumer = start_consuming(channel, config, Some(offset_arg), status, running).await?;
     loop {
-        let batch = next_batch(config, &mut consumer, usize::from(config.prefetch)).await?;
-        IngestStatus::add(&status.received, batch.len());
+        let batch = next_batch(config, &mut consumer, status).await?;
         let mut next = progress.stream_next;
         let mut messages = Vec::with_capacity(batch.len());
         let mut duplicates = 0;
@@ -564,14 +528,29 @@ async fn last_stream_offset(log: &Arc<dyn IngestLog>) -> WeirResult<Option<u64>>
     .await
 }
 
-/// The next deliveries: waits for one, then takes what has already arrived, up to `max`. A
-/// consumer error or cancellation ends the session (deliveries not acknowledged are requeued by
-/// RabbitMQ when the channel goes).
+/// [`consume`], then the session counts as running.
+async fn start_consuming(
+    channel: &Channel,
+    config: &RabbitMqConfig,
+    stream_offset: Option<AMQPValue>,
+    status: &IngestStatus,
+    running: &mut bool,
+) -> WeirResult<Consumer> {
+    let consumer = consume(channel, config, stream_offset).await?;
+    status.set_state("running");
+    *running = true;
+    Ok(consumer)
+}
+
+/// The next deliveries, counted as received: waits for one, then takes what has already
+/// arrived, up to the prefetch. A consumer error or cancellation ends the session (deliveries
+/// not acknowledged are requeued by RabbitMQ when the channel goes).
 async fn next_batch(
     config: &RabbitMqConfig,
     consumer: &mut Consumer,
-    max: usize,
+    status: &IngestStatus,
 ) -> WeirResult<Vec<Delivery>> {
+    let max = usize::from(config.prefetch);
     let ended = || {
         WeirError::new(
             SqlState::CONNECTION_EXCEPTION,
@@ -593,6 +572,7 @@ async fn next_batch(
             None => break, // nothing more has arrived: append what we have
         }
     }
+    IngestStatus::add(&status.received, batch.len());
     Ok(batch)
 }
 
@@ -818,6 +798,27 @@ fn wrong_type(config: &RabbitMqConfig, is_stream: bool) -> WeirError {
     .with_hint(hint)
 }
 
+/// Starts consuming from the queue; a stream consumer gives its start as `stream_offset`.
+async fn consume(
+    channel: &Channel,
+    config: &RabbitMqConfig,
+    stream_offset: Option<AMQPValue>,
+) -> WeirResult<Consumer> {
+    let mut arguments = FieldTable::default();
+    if let Some(offset) = stream_offset {
+        arguments.insert(HEADER_STREAM_OFFSET.into(), offset);
+    }
+    channel
+        .basic_consume(
+            short(&config.queue)?,
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await
+        .map_err(|e| queue_error(config, "consuming from", &e))
+}
+
 fn stream_arguments() -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert(
@@ -889,42 +890,35 @@ async fn prepare(connection: &Connection, config: &RabbitMqConfig) -> WeirResult
             .with_detail(text)
             .with_hint("create the exchange, or set declare = 'true' to declare it (a durable topic exchange)")
         };
-        if config.declare {
-            let declared = channel
-                .exchange_declare(
-                    name.clone(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match declared {
-                Ok(()) => {}
-                // It exists as another type or with other settings: bind to it as it is.
-                Err(e) if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => {
-                    channel = open_channel(config, connection).await?;
-                }
-                Err(e) => return Err(queue_error(config, "declaring the exchange for", &e)),
+        // A missing exchange is named as such; any other error is reported as the queue's.
+        let exchange_error = |doing: &str, e: &lapin::Error| match amqp_kind(e) {
+            Some((AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND), text)) => missing(text),
+            _ => queue_error(config, doing, e),
+        };
+        // With declare, a durable topic exchange; without, a passive check that it exists.
+        let options = ExchangeDeclareOptions {
+            durable: config.declare,
+            passive: !config.declare,
+            ..ExchangeDeclareOptions::default()
+        };
+        let declared = channel
+            .exchange_declare(
+                name.clone(),
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(()) => {}
+            // It exists as another type or with other settings: bind to it as it is.
+            Err(e) if config.declare && is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => {
+                channel = open_channel(config, connection).await?;
             }
-        } else {
-            channel
-                .exchange_declare(
-                    name.clone(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| match amqp_kind(&e) {
-                    Some((AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND), text)) => missing(text),
-                    _ => queue_error(config, "checking the exchange for", &e),
-                })?;
+            Err(e) if config.declare => {
+                return Err(queue_error(config, "declaring the exchange for", &e));
+            }
+            Err(e) => return Err(exchange_error("checking the exchange for", &e)),
         }
         channel
             .queue_bind(
@@ -935,10 +929,7 @@ async fn prepare(connection: &Connection, config: &RabbitMqConfig) -> WeirResult
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| match amqp_kind(&e) {
-                Some((AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND), text)) => missing(text),
-                _ => queue_error(config, "binding", &e),
-            })?;
+            .map_err(|e| exchange_error("binding", &e))?;
     }
     // Streams require a prefetch; for queues it bounds the deliveries in flight (and a batch).
     channel
