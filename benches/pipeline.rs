@@ -53,19 +53,23 @@ use weir::plan::window::WindowFunction;
 
 const USAGE: &str = "\
 usage: cargo bench --bench pipeline -- [--runs R] [--events N] [--keys LIST]
-                                       [--rabbit-events N] [--rabbit-keys K]
+                                       [--rabbit-events N] [--rabbit-keys K] [--checkpoints C]
                                        [--parts checkpoint,rabbitmq]
   --runs R           runs per measurement; medians are reported (default 3)
   --events N         events of part 1 (default 2000000)
   --keys LIST        distinct keys of part 1, one measurement each (default 100000,1000000)
   --rabbit-events N  events pre-filled into the queue in part 2 (default 500000)
   --rabbit-keys K    distinct keys in part 2 (default 1000)
+  --checkpoints C    CHECKPOINT statements at the end of each part-1 run, at the same state;
+                     their median is reported (default 1; more for profiling)
   --parts LIST       checkpoint (part 1), rabbitmq (part 2); default both
 environment:
   WEIR_BENCH_AMQP       RabbitMQ URI (default amqp://guest:guest@127.0.0.1:5672/%2f)
   WEIR_REQUIRE_BROKERS  =1: fail instead of skipping part 2 when RabbitMQ does not answer";
 
 const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// CPU time below this (five of /proc's 10 ms ticks) is not reported as a rate.
+const CPU_MEASURABLE: Duration = Duration::from_millis(50);
 /// Where data directories go: a real disk (not tmpfs), the one /var/lib/rabbitmq is on.
 const DATA_PARENT: &str = "/var/tmp";
 /// "Checkpoints off": longer than any run, so only the explicit `CHECKPOINT` takes one.
@@ -80,6 +84,8 @@ const CONFIRMS_IN_FLIGHT_MAX: usize = 1000;
 const PREFETCH: u16 = 1000;
 /// How often the pipeline's progress is polled (each poll is a query of two system relations).
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the end of a pipeline run repeats `CHECKPOINT` until the last file is committed.
+const CHECKPOINT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// A pipeline run, a queue fill or a drain that takes longer is declared broken.
 const RUN_DEADLINE: Duration = Duration::from_secs(900);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,6 +109,7 @@ struct Options {
     keys: Vec<usize>,
     rabbit_events: usize,
     rabbit_keys: usize,
+    checkpoints: usize,
     checkpoint_part: bool,
     rabbitmq_part: bool,
     amqp_uri: String,
@@ -116,6 +123,7 @@ fn parse_options() -> Result<Options> {
         keys: vec![100_000, 1_000_000],
         rabbit_events: 500_000,
         rabbit_keys: 1000,
+        checkpoints: 1,
         checkpoint_part: true,
         rabbitmq_part: true,
         amqp_uri: std::env::var("WEIR_BENCH_AMQP").unwrap_or_else(|_| DEFAULT_AMQP_URI.into()),
@@ -146,6 +154,7 @@ fn parse_options() -> Result<Options> {
             }
             "--rabbit-events" => options.rabbit_events = positive("--rabbit-events", value()?)?,
             "--rabbit-keys" => options.rabbit_keys = positive("--rabbit-keys", value()?)?,
+            "--checkpoints" => options.checkpoints = positive("--checkpoints", value()?)?,
             "--parts" => {
                 let parts = value()?;
                 options.checkpoint_part = false;
@@ -218,8 +227,26 @@ impl Stopwatch {
     }
 }
 
+/// Events per CPU-second; NaN when the CPU time is too short for 10 ms ticks to mean much.
+fn per_cpu_s(events: f64, s: &Sample) -> f64 {
+    if s.cpu < CPU_MEASURABLE {
+        return f64::NAN;
+    }
+    events / s.cpu.as_secs_f64()
+}
+
+/// `v` with `precision` decimals; `n/a` for NaN.
+fn num(v: f64, precision: usize) -> String {
+    if v.is_nan() {
+        "n/a".to_string()
+    } else {
+        format!("{v:.precision$}")
+    }
+}
+
+/// The median of the values that are not NaN (NaN if none is).
 fn median_f64(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.into_iter().collect();
+    let mut v: Vec<f64> = values.into_iter().filter(|v| !v.is_nan()).collect();
     if v.is_empty() {
         return f64::NAN;
     }
@@ -345,16 +372,17 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 struct CheckpointRun {
-    /// `CREATE MATERIALIZED VIEW` + `FLUSH`.
+    /// `CREATE MATERIALIZED VIEW` + `FLUSH`, and the `CREATE` alone.
     backfill: Sample,
+    create: Duration,
     /// Checkpoints the view took during the backfill (its last epoch before `CHECKPOINT`).
     backfill_checkpoints: u64,
     /// Their total `duration_ms`, as far as `weir_checkpoints` keeps them (the newest 32).
     backfill_checkpoint_ms: u64,
-    /// The `CHECKPOINT` statement's wall time.
-    statement: Duration,
-    /// Its checkpoint's `duration_ms` and `bytes` from `weir_checkpoints`.
-    duration_ms: u64,
+    /// The `CHECKPOINT` statement's wall time, and its checkpoint's `duration_ms` and `bytes`
+    /// from `weir_checkpoints` (medians over `--checkpoints` statements).
+    statement_ms: f64,
+    duration_ms: f64,
     bytes: u64,
 }
 
@@ -364,6 +392,7 @@ async fn checkpoint_run(
     keys: usize,
     mode: Checkpoints,
     lines: &[Bytes],
+    checkpoints: usize,
 ) -> Result<CheckpointRun> {
     let dir = data_dir("weir-bench-ckpt-")?;
     let weir = open_weir(dir.path()).await?;
@@ -390,6 +419,7 @@ async fn checkpoint_run(
 
     let clock = Stopwatch::start();
     run_sql(&mut session, VIEW_SQL).await?;
+    let create = clock.wall.elapsed();
     run_sql(&mut session, "FLUSH").await?;
     let backfill = clock.sample();
 
@@ -405,23 +435,29 @@ async fn checkpoint_run(
     let backfill_checkpoints = during.first().copied().flatten().unwrap_or(0) as u64;
     let backfill_checkpoint_ms = during.get(1).copied().flatten().unwrap_or(0) as u64;
 
-    let started = Instant::now();
-    run_sql(&mut session, "CHECKPOINT").await?;
-    let statement = started.elapsed();
-    let last = first_row(
-        &mut session,
-        "SELECT epoch, duration_ms, bytes FROM weir_checkpoints \
-         WHERE dataflow = 'per_key' ORDER BY epoch DESC LIMIT 1",
-    )
-    .await?;
-    let [Some(epoch), Some(duration_ms), Some(bytes)] = last[..] else {
-        bail!("weir_checkpoints has no checkpoint of per_key after CHECKPOINT ({last:?})");
-    };
-    if epoch as u64 != backfill_checkpoints + 1 {
-        bail!(
-            "CHECKPOINT made epoch {epoch}, expected {}",
-            backfill_checkpoints + 1
-        );
+    // The first CHECKPOINT at this state, then (for profiling) more at the same state.
+    let (mut statements, mut durations, mut bytes) = (Vec::new(), Vec::new(), 0);
+    for n in 1..=checkpoints as u64 {
+        let started = Instant::now();
+        run_sql(&mut session, "CHECKPOINT").await?;
+        statements.push(started.elapsed().as_secs_f64() * 1e3);
+        let last = first_row(
+            &mut session,
+            "SELECT epoch, duration_ms, bytes FROM weir_checkpoints \
+             WHERE dataflow = 'per_key' ORDER BY epoch DESC LIMIT 1",
+        )
+        .await?;
+        let [Some(epoch), Some(duration_ms), Some(b)] = last[..] else {
+            bail!("weir_checkpoints has no checkpoint of per_key after CHECKPOINT ({last:?})");
+        };
+        if epoch as u64 != backfill_checkpoints + n {
+            bail!(
+                "CHECKPOINT made epoch {epoch}, expected {}",
+                backfill_checkpoints + n
+            );
+        }
+        durations.push(duration_ms as f64);
+        bytes = b as u64;
     }
     // Stop the dataflow before the data directory goes.
     run_sql(&mut session, "DROP MATERIALIZED VIEW per_key").await?;
@@ -430,11 +466,12 @@ async fn checkpoint_run(
     drop(weir);
     Ok(CheckpointRun {
         backfill,
+        create,
         backfill_checkpoints,
         backfill_checkpoint_ms,
-        statement,
-        duration_ms: duration_ms as u64,
-        bytes: bytes as u64,
+        statement_ms: median_f64(statements),
+        duration_ms: median_f64(durations),
+        bytes,
     })
 }
 
@@ -513,18 +550,22 @@ async fn checkpoint_part(options: &Options) -> Result<()> {
                 [Checkpoints::On, Checkpoints::Off]
             };
             for mode in order {
-                let r = checkpoint_run(options.events, keys, mode, &lines).await?;
+                let r =
+                    checkpoint_run(options.events, keys, mode, &lines, options.checkpoints).await?;
                 eprintln!(
-                    "  {keys} keys, {}, run {run}: backfill {:.2} s ({} checkpoints, {} ms), \
-                     CHECKPOINT {:.0} ms (duration_ms {}, {:.1} MiB); {} threads after",
+                    "  {keys} keys, {}, run {run}: backfill {:.2} s (CREATE {:.0} ms; {:.2} CPU-s; {} checkpoints, {} ms), \
+                     CHECKPOINT {:.0} ms (duration_ms {}, {:.1} MiB); {} threads after, load {}",
                     mode.label(),
                     r.backfill.wall.as_secs_f64(),
+                    r.create.as_secs_f64() * 1e3,
+                    r.backfill.cpu.as_secs_f64(),
                     r.backfill_checkpoints,
                     r.backfill_checkpoint_ms,
-                    r.statement.as_secs_f64() * 1e3,
+                    r.statement_ms,
                     r.duration_ms,
                     r.bytes as f64 / (1 << 20) as f64,
-                    threads()
+                    threads(),
+                    load_average()
                 );
                 match mode {
                     Checkpoints::Off => {
@@ -554,7 +595,7 @@ async fn checkpoint_part(options: &Options) -> Result<()> {
 
     let n = options.events as f64;
     let rate = |s: &Sample| n / s.wall.as_secs_f64() / 1e6;
-    let cpu_rate = |s: &Sample| n / s.cpu.as_secs_f64().max(1e-9) / 1e6;
+    let cpu_rate = |s: &Sample| per_cpu_s(n, s) / 1e6;
     println!(
         "\n### Checkpoint cost: `{}` over {} events\n",
         VIEW_SQL.trim_start_matches("CREATE MATERIALIZED VIEW per_key AS "),
@@ -580,18 +621,18 @@ async fn checkpoint_part(options: &Options) -> Result<()> {
                 ),
             };
             println!(
-                "| {keys} | {} | {:.2} | {:.2} | {} | {ratio} | {} |",
+                "| {keys} | {} | {:.2} | {} | {} | {ratio} | {} |",
                 mode.label(),
                 median_f64(runs.iter().map(|r| rate(&r.backfill))),
-                median_f64(runs.iter().map(|r| cpu_rate(&r.backfill))),
+                num(median_f64(runs.iter().map(|r| cpu_rate(&r.backfill))), 2),
                 list(runs.iter().map(|r| r.backfill_checkpoints as f64), 0),
                 list(runs.iter().map(|r| rate(&r.backfill)), 2),
             );
         }
         println!(
-            "| {keys} | DataFusion batch (decode + GROUP BY) | {:.2} | {:.2} | | | {} |",
+            "| {keys} | DataFusion batch (decode + GROUP BY) | {:.2} | {} | | | {} |",
             median_f64(batch.iter().map(rate)),
-            median_f64(batch.iter().map(cpu_rate)),
+            num(median_f64(batch.iter().map(cpu_rate)), 2),
             list(batch.iter().map(rate), 2),
         );
     }
@@ -601,16 +642,16 @@ async fn checkpoint_part(options: &Options) -> Result<()> {
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     for (keys, _, off, on, io, _) in &rows {
         let all: Vec<&CheckpointRun> = off.iter().chain(on).collect();
-        let wall = median_f64(all.iter().map(|r| r.statement.as_secs_f64() * 1e3));
-        let duration = median_f64(all.iter().map(|r| r.duration_ms as f64));
+        let wall = median_f64(all.iter().map(|r| r.statement_ms));
+        let duration = median_f64(all.iter().map(|r| r.duration_ms));
         let bytes = median_f64(all.iter().map(|r| r.bytes as f64));
         println!(
             "| {keys} | {wall:.0} | {duration:.0} | {:.1} | {:.1} | {:.0} | {}; {} |",
             bytes / (1 << 20) as f64,
             median_f64(io.iter().map(|d| d.as_secs_f64() * 1e3)),
             bytes / 1e6 / (duration.max(1.0) / 1e3),
-            list(off.iter().map(|r| r.statement.as_secs_f64() * 1e3), 0),
-            list(on.iter().map(|r| r.statement.as_secs_f64() * 1e3), 0),
+            list(off.iter().map(|r| r.statement_ms), 0),
+            list(on.iter().map(|r| r.statement_ms), 0),
         );
     }
     Ok(())
@@ -795,12 +836,12 @@ async fn lapin_drain(uri: &str, queue: &str, count: usize) -> Result<(Sample, u6
 struct PipelineRun {
     /// `CREATE SOURCE` to the `CHECKPOINT` that commits the last files.
     total: Sample,
-    /// `CREATE SOURCE` until the source had appended (and acknowledged) every message.
+    /// `CREATE SOURCE` until the source had acknowledged every message (each after its append).
     ingested: Duration,
     /// `CREATE SOURCE` until the sink had written every window.
     written: Duration,
-    /// The final `CHECKPOINT` statement.
-    final_checkpoint: Duration,
+    /// `CHECKPOINT` statements until the last file was committed.
+    final_checkpoints: u64,
     /// Checkpoints the sink took (its last epoch), and the median `duration_ms` of those
     /// `weir_checkpoints` keeps.
     sink_checkpoints: u64,
@@ -830,6 +871,25 @@ fn committed_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The rows of the committed files, from their footers; each file is read once.
+#[derive(Default)]
+struct CommittedFiles {
+    rows: HashMap<PathBuf, usize>,
+}
+
+impl CommittedFiles {
+    fn rows(&mut self, dir: &Path) -> Result<usize> {
+        for path in committed_files(dir) {
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.rows.entry(path) {
+                let file = std::fs::File::open(entry.key())?;
+                let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+                entry.insert(builder.metadata().file_metadata().num_rows() as usize);
+            }
+        }
+        Ok(self.rows.values().sum())
+    }
 }
 
 /// Rows and the sum of column `n` over the committed files.
@@ -897,12 +957,12 @@ async fn pipeline_run(
     let mut ingested = None;
     let written = loop {
         if ingested.is_none() {
-            let appended = first_row(
+            let acked = first_row(
                 &mut session,
-                "SELECT appended FROM weir_sources WHERE source = 'src'",
+                "SELECT acked FROM weir_sources WHERE source = 'src'",
             )
             .await?;
-            if appended.first().copied().flatten() >= Some(messages) {
+            if acked.first().copied().flatten() >= Some(messages) {
                 ingested = Some(clock.wall.elapsed());
             }
         }
@@ -946,9 +1006,25 @@ async fn pipeline_run(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     };
-    let started = Instant::now();
-    run_sql(&mut session, "CHECKPOINT").await?;
-    let final_checkpoint = started.elapsed();
+    // A file becomes visible when it has closed (`rollover` after it opened) and a checkpoint
+    // after that has committed it; the rows still open at a checkpoint are kept in its state.
+    // So: CHECKPOINT, look at the committed files (their footers), again until all are there.
+    let mut committed = CommittedFiles::default();
+    let mut final_checkpoints = 0u64;
+    loop {
+        run_sql(&mut session, "CHECKPOINT").await?;
+        final_checkpoints += 1;
+        if committed.rows(&out)? >= windows {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after {RUN_DEADLINE:?} the committed files hold {} of {windows} windows",
+                committed.rows(&out)?
+            );
+        }
+        tokio::time::sleep(CHECKPOINT_POLL_INTERVAL).await;
+    }
     let total = clock.sample();
     let ingested = ingested.unwrap_or(written);
 
@@ -987,7 +1063,7 @@ async fn pipeline_run(
         total,
         ingested,
         written,
-        final_checkpoint,
+        final_checkpoints,
         sink_checkpoints,
         sink_checkpoint_ms,
         files,
@@ -1073,17 +1149,18 @@ async fn rabbitmq_part(options: &Options) -> Result<()> {
             })
             .await?;
             eprintln!(
-                "  weir, {}, run {run}: {:.2} s (ingested {:.2} s, written {:.2} s, \
-                 CHECKPOINT {:.0} ms, {} sink checkpoints of {:.0} ms, {} files); {} threads after",
+                "  weir, {}, run {run}: committed at {:.2} s (ingested {:.2} s, written {:.2} s, \
+                 {} CHECKPOINT statements, {} sink checkpoints of {:.0} ms, {} files); {} threads after, load {}",
                 mode.label(),
                 r.total.wall.as_secs_f64(),
                 r.ingested.as_secs_f64(),
                 r.written.as_secs_f64(),
-                r.final_checkpoint.as_secs_f64() * 1e3,
+                r.final_checkpoints,
                 r.sink_checkpoints,
                 r.sink_checkpoint_ms,
                 r.files,
-                threads()
+                threads(),
+                load_average()
             );
             match mode {
                 Checkpoints::Off => off.push(r),
@@ -1115,6 +1192,7 @@ async fn rabbitmq_part(options: &Options) -> Result<()> {
 
     let n = events as f64;
     let rate = |d: Duration| n / d.as_secs_f64() / 1e3;
+    let cpu_rate = |s: &Sample| per_cpu_s(n, s) / 1e3;
     println!(
         "\n### RabbitMQ → TUMBLE(1 s) count/sum per key, EOWC → Parquet: {events} events, {keys} keys, {windows} windows\n"
     );
@@ -1122,72 +1200,87 @@ async fn rabbitmq_part(options: &Options) -> Result<()> {
         "| what | k events/s | k events/CPU-s (this process) | × of interval 1 h (same run) | seconds of the runs |"
     );
     println!("| --- | ---: | ---: | ---: | --- |");
-    let ratios: Vec<f64> = off
-        .iter()
-        .zip(&on)
-        .map(|(o, c)| o.total.wall.as_secs_f64() / c.total.wall.as_secs_f64())
-        .collect();
-    for (mode, runs) in [(Checkpoints::Off, &off), (Checkpoints::On, &on)] {
-        let ratio = match mode {
-            Checkpoints::Off => "1".to_string(),
-            Checkpoints::On => format!(
-                "{:.2} ({})",
-                median_f64(ratios.clone()),
-                list(ratios.clone(), 2)
-            ),
-        };
+    type Phase = fn(&PipelineRun) -> Duration;
+    let phases: [(&str, Phase); 3] = [
+        ("CREATE SOURCE → every window in a committed file", |r| {
+            r.total.wall
+        }),
+        (
+            "CREATE SOURCE → the sink wrote every window (not yet committed)",
+            |r| r.written,
+        ),
+        (
+            "CREATE SOURCE → every message appended to Weir's log, then acked",
+            |r| r.ingested,
+        ),
+    ];
+    for (what, phase) in phases {
+        let ratios: Vec<f64> = off
+            .iter()
+            .zip(&on)
+            .map(|(o, c)| phase(o).as_secs_f64() / phase(c).as_secs_f64())
+            .collect();
+        for (mode, runs) in [(Checkpoints::Off, &off), (Checkpoints::On, &on)] {
+            let ratio = match mode {
+                Checkpoints::Off => "1".to_string(),
+                Checkpoints::On => {
+                    format!(
+                        "{:.2} ({})",
+                        median_f64(ratios.clone()),
+                        list(ratios.clone(), 2)
+                    )
+                }
+            };
+            // CPU time is only measured over the whole run.
+            let cpu = if phase(&runs[0]) == runs[0].total.wall {
+                num(median_f64(runs.iter().map(|r| cpu_rate(&r.total))), 1)
+            } else {
+                String::new()
+            };
+            println!(
+                "| Weir, {}: {what} | {:.1} | {cpu} | {ratio} | {} |",
+                mode.label(),
+                median_f64(runs.iter().map(|r| rate(phase(r)))),
+                list(runs.iter().map(|r| phase(r).as_secs_f64()), 2),
+            );
+        }
+    }
+    for (what, runs, precision) in [
+        (
+            "lapin alone: consume + ack multiple, same messages",
+            &drains,
+            2,
+        ),
+        (
+            "arrow-json decode alone (Weir's RowDecoder), same bytes",
+            &decode_runs,
+            3,
+        ),
+        (
+            "DataFusion batch TUMBLE over the decoded rows",
+            &batch_runs,
+            3,
+        ),
+    ] {
         println!(
-            "| Weir, {}: CREATE SOURCE → every window committed | {:.1} | {:.1} | {ratio} | {} |",
-            mode.label(),
-            median_f64(runs.iter().map(|r| rate(r.total.wall))),
-            median_f64(
-                runs.iter()
-                    .map(|r| n / r.total.cpu.as_secs_f64().max(1e-9) / 1e3)
-            ),
-            list(runs.iter().map(|r| r.total.wall.as_secs_f64()), 2),
+            "| {what} | {:.1} | {} | | {} |",
+            median_f64(runs.iter().map(|s| rate(s.wall))),
+            num(median_f64(runs.iter().map(cpu_rate)), 1),
+            list(runs.iter().map(|s| s.wall.as_secs_f64()), precision),
         );
     }
     println!(
-        "| lapin alone: consume + ack multiple | {:.1} | {:.1} | | {} |",
-        median_f64(drains.iter().map(|s| rate(s.wall))),
-        median_f64(
-            drains
-                .iter()
-                .map(|s| n / s.cpu.as_secs_f64().max(1e-9) / 1e3)
-        ),
-        list(drains.iter().map(|s| s.wall.as_secs_f64()), 2),
+        "\n| Weir | ingested s | windows written s | committed s | CHECKPOINT statements at the end | sink checkpoints | sink checkpoint median ms | committed files |"
     );
-    println!(
-        "| arrow-json decode alone (Weir's RowDecoder) | {:.1} | {:.1} | | {} |",
-        median_f64(decode_runs.iter().map(|s| rate(s.wall))),
-        median_f64(
-            decode_runs
-                .iter()
-                .map(|s| n / s.cpu.as_secs_f64().max(1e-9) / 1e3)
-        ),
-        list(decode_runs.iter().map(|s| s.wall.as_secs_f64()), 3),
-    );
-    println!(
-        "| DataFusion batch TUMBLE over the decoded rows | {:.1} | {:.1} | | {} |",
-        median_f64(batch_runs.iter().map(|s| rate(s.wall))),
-        median_f64(
-            batch_runs
-                .iter()
-                .map(|s| n / s.cpu.as_secs_f64().max(1e-9) / 1e3)
-        ),
-        list(batch_runs.iter().map(|s| s.wall.as_secs_f64()), 3),
-    );
-    println!(
-        "\n| Weir | ingested s | windows written s | final CHECKPOINT ms | sink checkpoints | sink checkpoint median ms | committed files |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (mode, runs) in [(Checkpoints::Off, &off), (Checkpoints::On, &on)] {
         println!(
-            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
             mode.label(),
             median_f64(runs.iter().map(|r| r.ingested.as_secs_f64())),
             median_f64(runs.iter().map(|r| r.written.as_secs_f64())),
-            median_f64(runs.iter().map(|r| r.final_checkpoint.as_secs_f64() * 1e3)),
+            median_f64(runs.iter().map(|r| r.total.wall.as_secs_f64())),
+            median_f64(runs.iter().map(|r| r.final_checkpoints as f64)),
             median_f64(runs.iter().map(|r| r.sink_checkpoints as f64)),
             median_f64(runs.iter().map(|r| r.sink_checkpoint_ms)),
             median_f64(runs.iter().map(|r| r.files as f64)),
@@ -1196,13 +1289,23 @@ async fn rabbitmq_part(options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The 1-minute load average: the bench shares the machine, and says how busy it was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".to_string())
+}
+
 async fn bench(options: Options) -> Result<()> {
+    println!("Load average (1 min) at the start: {}.", load_average());
     if options.checkpoint_part {
         checkpoint_part(&options).await?;
     }
     if options.rabbitmq_part {
         rabbitmq_part(&options).await?;
     }
+    println!("\nLoad average (1 min) at the end: {}.", load_average());
     Ok(())
 }
 
