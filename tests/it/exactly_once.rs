@@ -1032,30 +1032,33 @@ async fn rabbitmq_to_s3_partitioned_and_back_to_rabbitmq() {
     // The rabbitmq sink: one message per window, each message_id once.
     let mut got: Vec<WindowRow> = Vec::new();
     let mut ids = std::collections::HashSet::new();
+    let mut deliveries = channel
+        .basic_consume(
+            output.as_str().into(),
+            "weir-test".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume the output queue");
     within("every window in the output queue", async {
         while got.len() < want.len() {
-            let message = channel
-                .basic_get(
-                    output.as_str().into(),
-                    lapin::options::BasicGetOptions { no_ack: true },
-                )
+            // Each commit publishes the windows closed in its epoch; the broker pushes them.
+            let message = futures::StreamExt::next(&mut deliveries)
                 .await
-                .expect("basic.get");
-            let Some(message) = message else {
-                // Nothing ready yet: the next commit publishes more.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
+                .expect("the consumer is open")
+                .expect("a delivery");
             let id = message
-                .delivery
                 .properties
                 .message_id()
                 .as_ref()
                 .map(|s| s.to_string())
                 .expect("a message_id");
             assert!(ids.insert(id.clone()), "message {id} published twice");
-            let row: serde_json::Value =
-                serde_json::from_slice(&message.delivery.data).expect("a JSON row");
+            let row: serde_json::Value = serde_json::from_slice(&message.data).expect("a JSON row");
             let start = chrono::NaiveDateTime::parse_from_str(
                 row["window_start"].as_str().expect("window_start text"),
                 "%Y-%m-%dT%H:%M:%S",
