@@ -14,9 +14,10 @@
 //!    fsyncing a file of the same size on the same disk.
 //! 2. *rabbitmq*: a durable queue is filled with `--rabbit-events` persistent JSON events, with
 //!    publisher confirms (not timed). Timed: `CREATE SOURCE` (rabbitmq) + an `EMIT ON WINDOW
-//!    CLOSE` TUMBLE(1 s) view + a Parquet sink, until the sink has written every window (a
-//!    deadline poll of `weir_sinks`), then `CHECKPOINT` so every file is committed; with the
-//!    interval 1 h and 1 s. Baselines: lapin alone draining as many pre-filled messages (consume,
+//!    CLOSE` TUMBLE(1 s) view + a Parquet sink, until every window is in a committed file: a
+//!    deadline poll of `weir_sources.acked` and `weir_sinks.rows`, then `CHECKPOINT` repeated
+//!    until the committed files hold every window (a file is committed by the first checkpoint
+//!    after its rollover); with the interval 1 h and 1 s. Baselines: lapin alone draining as many pre-filled messages (consume,
 //!    `basic.ack` multiple per batch), and DataFusion's batch query over the decoded rows.
 //!
 //! Output: Markdown tables on stdout, progress on stderr. Nothing is written into the repository,
