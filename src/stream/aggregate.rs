@@ -644,12 +644,7 @@ impl AggregateOperator {
         for k in 0..n_keys {
             let array = ScalarValue::iter_to_array(groups.iter().map(|g| g.key[k].clone()))
                 .map_err(eval_error)?;
-            fields.push(arrow::datatypes::Field::new(
-                format!("k{k}"),
-                array.data_type().clone(),
-                true,
-            ));
-            columns.push(array);
+            add_column(&mut fields, &mut columns, format!("k{k}"), array);
         }
         let counts: ArrayRef = Arc::new(arrow::array::Int64Array::from_iter_values(
             groups.iter().map(|g| g.count),
@@ -668,12 +663,7 @@ impl AggregateOperator {
             ("window_end", ends),
             ("emitted", emitted_flags),
         ] {
-            fields.push(arrow::datatypes::Field::new(
-                name,
-                array.data_type().clone(),
-                true,
-            ));
-            columns.push(array);
+            add_column(&mut fields, &mut columns, name, array);
         }
         for a in 0..self.aggs.len() {
             let data_type = groups
@@ -687,12 +677,7 @@ impl AggregateOperator {
                     .map_or_else(|| null.clone(), |e| e[a].clone())
             }))
             .map_err(eval_error)?;
-            fields.push(arrow::datatypes::Field::new(
-                format!("e{a}"),
-                array.data_type().clone(),
-                true,
-            ));
-            columns.push(array);
+            add_column(&mut fields, &mut columns, format!("e{a}"), array);
         }
         let mut groups: Vec<Group> = slots
             .iter()
@@ -712,12 +697,7 @@ impl AggregateOperator {
                         builder.append_value(&bytes);
                     }
                     let array: ArrayRef = Arc::new(builder.finish());
-                    fields.push(arrow::datatypes::Field::new(
-                        format!("v{a}"),
-                        array.data_type().clone(),
-                        true,
-                    ));
-                    columns.push(array);
+                    add_column(&mut fields, &mut columns, format!("v{a}"), array);
                     continue;
                 }
                 let mut states: Vec<Vec<ScalarValue>> = Vec::with_capacity(groups.len());
@@ -746,12 +726,7 @@ impl AggregateOperator {
                 for f in 0..width {
                     let array = ScalarValue::iter_to_array(states.iter().map(|s| s[f].clone()))
                         .map_err(eval_error)?;
-                    fields.push(arrow::datatypes::Field::new(
-                        format!("s{a}_{f}"),
-                        array.data_type().clone(),
-                        true,
-                    ));
-                    columns.push(array);
+                    add_column(&mut fields, &mut columns, format!("s{a}_{f}"), array);
                 }
             }
             Ok(())
@@ -866,6 +841,21 @@ impl AggregateOperator {
         }
         Ok(())
     }
+}
+
+/// Appends a nullable snapshot column named `name`.
+fn add_column(
+    fields: &mut Vec<arrow::datatypes::Field>,
+    columns: &mut Vec<ArrayRef>,
+    name: impl Into<String>,
+    array: ArrayRef,
+) {
+    fields.push(arrow::datatypes::Field::new(
+        name,
+        array.data_type().clone(),
+        true,
+    ));
+    columns.push(array);
 }
 
 /// A snapshot column as its concrete array type.
