@@ -11,7 +11,8 @@
 //!    key, an updating view) + `FLUSH` is timed with checkpoints effectively off (interval 1 h)
 //!    and with `SET checkpoint_interval = '1s'`. Then a `CHECKPOINT` statement is timed at that
 //!    state, and its duration and bytes are read from `weir_checkpoints`; beside it, writing and
-//!    fsyncing a file of the same size on the same disk.
+//!    fsyncing a file of the same size on the same disk. Then 1 % of the keys get one more
+//!    event and one more `CHECKPOINT` (incremental: only those groups) is timed.
 //! 2. *rabbitmq*: a durable queue is filled with `--rabbit-events` persistent JSON events, with
 //!    publisher confirms (not timed). Timed: `CREATE SOURCE` (rabbitmq) + an `EMIT ON WINDOW
 //!    CLOSE` TUMBLE(1 s) view + a Parquet sink, until every window is in a committed file: a
@@ -385,6 +386,12 @@ struct CheckpointRun {
     statement_ms: f64,
     duration_ms: f64,
     bytes: u64,
+    /// Then 1 % of the keys change and one more `CHECKPOINT` is timed: its wall time,
+    /// `duration_ms`, `bytes`, and whether it was incremental.
+    changed_statement_ms: f64,
+    changed_duration_ms: f64,
+    changed_bytes: u64,
+    changed_incremental: bool,
 }
 
 /// One run of part 1: a fresh data directory, the events published, the view timed.
@@ -461,6 +468,45 @@ async fn checkpoint_run(
         durations.push(duration_ms as f64);
         bytes = b as u64;
     }
+    // 1 % of the keys change (one event each); the next checkpoint writes those groups.
+    let changed = (keys / 100).max(1) as u64;
+    let messages = (0..changed)
+        .map(|i| Message {
+            key: None,
+            payload: Bytes::from(format!(r#"{{"k":{},"v":1}}"#, i * 100 % keys as u64)),
+            headers: Vec::new(),
+        })
+        .collect();
+    weir.publish("events", messages).await?;
+    run_sql(&mut session, "FLUSH").await?;
+    let started = Instant::now();
+    run_sql(&mut session, "CHECKPOINT").await?;
+    let changed_statement_ms = started.elapsed().as_secs_f64() * 1e3;
+    let last = first_row(
+        &mut session,
+        "SELECT epoch, duration_ms, bytes, incremental::int FROM weir_checkpoints \
+         WHERE dataflow = 'per_key' ORDER BY epoch DESC LIMIT 1",
+    )
+    .await?;
+    let [
+        Some(epoch),
+        Some(changed_duration_ms),
+        Some(changed_bytes),
+        Some(incremental),
+    ] = last[..]
+    else {
+        bail!("weir_checkpoints has no checkpoint of per_key after CHECKPOINT ({last:?})");
+    };
+    if (epoch as u64) <= last_epoch {
+        bail!("CHECKPOINT made no new epoch (the newest is {epoch}, it was {last_epoch})");
+    }
+    let check = first_row(&mut session, "SELECT sum(n) FROM per_key").await?;
+    if check != [Some((events as u64 + changed) as i64)] {
+        bail!(
+            "the view counts {check:?} events after the change, not {}",
+            events as u64 + changed
+        );
+    }
     // Stop the dataflow before the data directory goes.
     run_sql(&mut session, "DROP MATERIALIZED VIEW per_key").await?;
     run_sql(&mut session, "DROP SOURCE src").await?;
@@ -474,6 +520,10 @@ async fn checkpoint_run(
         statement_ms: median_f64(statements),
         duration_ms: median_f64(durations),
         bytes,
+        changed_statement_ms,
+        changed_duration_ms: changed_duration_ms as f64,
+        changed_bytes: changed_bytes as u64,
+        changed_incremental: incremental == 1,
     })
 }
 
@@ -654,6 +704,28 @@ async fn checkpoint_part(options: &Options) -> Result<()> {
             bytes / 1e6 / (duration.max(1.0) / 1e3),
             list(off.iter().map(|r| r.statement_ms), 0),
             list(on.iter().map(|r| r.statement_ms), 0),
+        );
+    }
+    println!(
+        "\n| keys | full: `duration_ms`, MiB | after 1 % of the keys changed: incremental | `CHECKPOINT` wall ms | `duration_ms` | MiB | × of full `duration_ms` | × of full bytes | `duration_ms` of the runs |"
+    );
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |");
+    for (keys, _, off, on, _, _) in &rows {
+        let all: Vec<&CheckpointRun> = off.iter().chain(on).collect();
+        let full_ms = median_f64(all.iter().map(|r| r.duration_ms));
+        let full_bytes = median_f64(all.iter().map(|r| r.bytes as f64));
+        let ms = median_f64(all.iter().map(|r| r.changed_duration_ms));
+        let bytes = median_f64(all.iter().map(|r| r.changed_bytes as f64));
+        let incremental = all.iter().filter(|r| r.changed_incremental).count();
+        println!(
+            "| {keys} | {full_ms:.0}, {:.1} | {incremental} of {} runs | {:.0} | {ms:.0} | {:.2} | {:.3} | {:.3} | {} |",
+            full_bytes / (1 << 20) as f64,
+            all.len(),
+            median_f64(all.iter().map(|r| r.changed_statement_ms)),
+            bytes / (1 << 20) as f64,
+            ms / full_ms.max(1.0),
+            bytes / full_bytes.max(1.0),
+            list(all.iter().map(|r| r.changed_duration_ms), 0),
         );
     }
     Ok(())

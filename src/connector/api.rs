@@ -39,7 +39,9 @@ pub struct SourceChunk {
 ///   position has reached what `published()` said then (`FLUSH` is built on this).
 /// - `wait` returns when something new may be readable or at the deadline; cancel-safe.
 /// - Sources know nothing of barriers or watermarks: the runtime derives watermarks from the
-///   rows' event times, and checkpoints store `positions()`; recovery calls `seek`.
+///   rows' event times, and checkpoints store `positions()`; recovery calls `seek`; after each
+///   durable checkpoint the runtime calls `committed` (DESIGN.md principle 5: "then sources
+///   acknowledge upstream").
 #[async_trait]
 pub trait Source: Send + Sync {
     /// The next rows, at most about `max_messages` messages' worth.
@@ -52,6 +54,17 @@ pub trait Source: Send + Sync {
     /// Resumes at `positions` (what `positions()` said at a checkpoint). A position older than
     /// the oldest retained message resumes at the oldest (the gap is retention's, and logged).
     fn seek(&mut self, positions: &[u64]) -> WeirResult<()>;
+
+    /// Runs once a checkpoint that stored `positions` is durable (and, through `seek`, for
+    /// the one recovery restored): what is before them may be released upstream (a broker's
+    /// acknowledgements).
+    fn committed(&mut self, _positions: &[u64]) {}
+
+    /// Whether the source asks for a checkpoint before the interval is up (its upstream stops
+    /// delivering until held messages are acknowledged); the runtime takes one next round.
+    fn checkpoint_wanted(&self) -> bool {
+        false
+    }
 }
 
 /// Where a materialized view's output goes outside Weir (`CREATE SINK`): files, topics,

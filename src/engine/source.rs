@@ -77,9 +77,17 @@ pub(super) struct BrokerIngest {
     pub(super) config: RabbitMqConfig,
     /// Written by the ingest task, read by `weir_sources`.
     pub(super) status: Arc<IngestStatus>,
+    /// Holds the ingest's acknowledgements until the readers' checkpoints cover them.
+    pub(super) gate: Arc<rabbitmq::AckGate>,
     /// The ingest (`rabbitmq::run`); aborted when the handle drops (DROP SOURCE, shutdown).
     /// Unacknowledged deliveries then go back to the queue when its connection closes.
     _task: TaskHandle,
+}
+
+impl BrokerIngest {
+    fn acks_after_checkpoint(&self) -> bool {
+        self.config.mode == RabbitMqMode::Queue && self.config.ack == rabbitmq::AckAfter::Checkpoint
+    }
 }
 
 impl fmt::Debug for SourceHandle {
@@ -111,11 +119,28 @@ impl SourceHandle {
         )?))
     }
 
+    /// A reader for a dataflow (a view's, a sink's, the monitor's: `paused` is its rest
+    /// flag). For a RabbitMQ queue source with `ack = 'checkpoint'` it reports the dataflow's
+    /// checkpoints to the ingest, which acknowledges what every reader's checkpoint covers.
+    pub(super) fn dataflow_reader(
+        &self,
+        paused: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> WeirResult<Box<dyn Source>> {
+        let reader = self.reader()?;
+        Ok(match &self.ingest {
+            Some(i) if i.acks_after_checkpoint() => i.gate.reader(reader, paused),
+            _ => reader,
+        })
+    }
+
     /// The delivery guarantee views get, for `SHOW SOURCES`.
     pub fn delivery(&self) -> &'static str {
         match &self.ingest {
             Some(i) if i.config.mode == RabbitMqMode::Stream => {
                 "exactly once: stream offset stored with each message"
+            }
+            Some(i) if i.acks_after_checkpoint() => {
+                "exactly once: acknowledged after the checkpoints that cover it; redeliveries deduplicated"
             }
             Some(_) => {
                 "exactly once: acknowledged after the durable append; redeliveries deduplicated"
@@ -439,6 +464,7 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation, monitor: bool) 
     let ingest = match (&def.rabbitmq, &topic) {
         (Some(config), Some(topic)) => {
             let status = Arc::new(IngestStatus::new());
+            let gate = rabbitmq::AckGate::new();
             let log = Arc::new(TopicIngestLog {
                 topic: topic.clone(),
                 marker: weir
@@ -447,11 +473,18 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation, monitor: bool) 
             });
             let task = TaskHandle::spawn(
                 "rabbitmq-ingest",
-                rabbitmq::run(config.clone(), relation.name.clone(), log, status.clone()),
+                rabbitmq::run(
+                    config.clone(),
+                    relation.name.clone(),
+                    log,
+                    status.clone(),
+                    gate.clone(),
+                ),
             );
             Some(BrokerIngest {
                 config: config.clone(),
                 status,
+                gate,
                 _task: task,
             })
         }
@@ -493,7 +526,7 @@ pub(super) async fn open_source(weir: &Weir, relation: Relation, monitor: bool) 
 pub(super) fn start_monitor(weir: &Weir, handle: &Arc<SourceHandle>) -> WeirResult<()> {
     let relation = &handle.relation;
     if handle.nexmark.is_none() {
-        let reader = handle.reader()?;
+        let reader = handle.dataflow_reader(Some(handle.monitor_paused.clone()))?;
         let mut builder = DataflowBuilder::new();
         let input = builder.input(
             &relation.name,

@@ -245,6 +245,9 @@ impl SystemKind {
                 ),
                 Field::new("duration_ms", DataType::Int64, false),
                 Field::new("bytes", DataType::Int64, false),
+                Field::new("incremental", DataType::Boolean, false),
+                Field::new("chain_files", DataType::Int64, false),
+                Field::new("chain_bytes", DataType::Int64, false),
                 Field::new("restored", DataType::Boolean, false),
             ],
         };
@@ -459,6 +462,15 @@ impl SystemKind {
                     )),
                     Arc::new(Int64Array::from_iter_values(
                         rows.iter().map(|r| r.2.bytes as i64),
+                    )),
+                    Arc::new(arrow::array::BooleanArray::from(
+                        rows.iter().map(|r| r.2.incremental).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|r| r.2.chain.len() as i64),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        rows.iter().map(|r| r.2.chain_bytes() as i64),
                     )),
                     Arc::new(arrow::array::BooleanArray::from(
                         rows.iter().map(|r| r.3).collect::<Vec<_>>(),

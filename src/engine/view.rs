@@ -109,7 +109,7 @@ impl StreamCatalog for Inputs<'_> {
         if let Some(source) = self.weir.lock_sources().get(name).cloned() {
             let at = builder.input(
                 name,
-                source.reader()?,
+                source.dataflow_reader(None)?,
                 source.watermark,
                 drop_late,
                 Some(source.stats.clone()),

@@ -9,5 +9,5 @@
 mod checkpoint;
 mod zset;
 
-pub use checkpoint::{CheckpointStore, Manifest, SnapshotReader, SnapshotWriter};
-pub use zset::ZSetState;
+pub use checkpoint::{CheckpointStore, Manifest, SnapshotReader, SnapshotWriter, StateFile};
+pub use zset::{ZSetState, consolidate};

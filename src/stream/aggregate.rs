@@ -21,7 +21,7 @@
 //! `EMIT ON WINDOW CLOSE` the group's final row is emitted then (and never before); either way
 //! its state is freed. Rows for closed windows cannot arrive: windowed inputs drop late rows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, TimestampNanosecondArray, UInt32Array};
@@ -115,6 +115,18 @@ pub struct AggregateOperator {
     /// Window end → slots of the groups of that window.
     closing: BTreeMap<EventTime, Vec<usize>>,
     watermark: EventTime,
+    /// What changed since the last checkpoint, for an incremental one; `None` until the
+    /// first snapshot or restore (nothing is tracked while checkpoints are off).
+    changes: Option<ChangeSet>,
+}
+
+/// The groups an incremental checkpoint writes.
+#[derive(Default)]
+struct ChangeSet {
+    /// Slots whose group was created or changed (a slot may since hold another group).
+    slots: HashSet<usize>,
+    /// Keys (row format) of the groups removed, applied before the changed groups.
+    removed: Vec<Box<[u8]>>,
 }
 
 impl AggregateOperator {
@@ -193,6 +205,7 @@ impl AggregateOperator {
             free: Vec::new(),
             closing: BTreeMap::new(),
             watermark: NO_WATERMARK,
+            changes: None,
         })
     }
 
@@ -264,6 +277,9 @@ impl AggregateOperator {
         if let Some(group) = self.groups[slot].take() {
             self.index.remove(&group.encoded);
             self.free.push(slot);
+            if let Some(changes) = &mut self.changes {
+                changes.removed.push(group.encoded);
+            }
         }
         Ok(())
     }
@@ -552,6 +568,9 @@ impl Operator for AggregateOperator {
             if !group.dirty {
                 group.dirty = true;
                 dirty.push(slot);
+                if let Some(changes) = &mut self.changes {
+                    changes.slots.insert(slot);
+                }
             }
             self.groups[slot] = Some(group);
         }
@@ -600,7 +619,67 @@ impl Operator for AggregateOperator {
 
     fn snapshot(&mut self, out: &mut SnapshotWriter) -> WeirResult<()> {
         out.i64(self.watermark);
-        match self.snapshot_groups()? {
+        let slots: Vec<usize> = (0..self.groups.len())
+            .filter(|&s| self.groups[s].is_some())
+            .collect();
+        self.write_groups(&slots, out)?;
+        self.changes = Some(ChangeSet::default());
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        self.groups.clear();
+        self.index.clear();
+        self.free.clear();
+        self.closing.clear();
+        self.watermark = from.i64()?;
+        self.read_groups(from)?;
+        self.changes = Some(ChangeSet::default());
+        Ok(())
+    }
+
+    /// The removed keys, then the created or changed groups (whole, as in a snapshot).
+    fn snapshot_changes(&mut self, out: &mut SnapshotWriter) -> WeirResult<bool> {
+        let Some(changes) = self.changes.take() else {
+            return Ok(false);
+        };
+        out.i64(self.watermark);
+        out.u64(changes.removed.len() as u64);
+        for key in &changes.removed {
+            out.bytes(key);
+        }
+        let mut slots: Vec<usize> = changes
+            .slots
+            .into_iter()
+            .filter(|&s| self.groups.get(s).is_some_and(|g| g.is_some()))
+            .collect();
+        slots.sort_unstable();
+        self.write_groups(&slots, out)?;
+        self.changes = Some(ChangeSet::default());
+        Ok(true)
+    }
+
+    fn restore_changes(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        self.watermark = from.i64()?;
+        for _ in 0..from.u64()? {
+            let key = from.bytes()?;
+            if let Some(&slot) = self.index.get(key) {
+                self.remove(slot)?;
+            }
+        }
+        self.read_groups(from)?;
+        self.changes = Some(ChangeSet::default());
+        Ok(())
+    }
+}
+
+/// Checkpoint encoding of the groups: one batch with the key columns, the row count, the
+/// window end, what was emitted, and each aggregate's state (its accumulator's `state()`
+/// fields, or the recompute multiset as bytes).
+impl AggregateOperator {
+    /// The groups in `slots` (all alive) as a flag and, if any, one batch.
+    fn write_groups(&mut self, slots: &[usize], out: &mut SnapshotWriter) -> WeirResult<()> {
+        match self.snapshot_groups(slots)? {
             Some(batch) => {
                 out.u64(1);
                 out.batch(&batch)
@@ -612,8 +691,8 @@ impl Operator for AggregateOperator {
         }
     }
 
-    fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
-        self.watermark = from.i64()?;
+    /// Reads what [`Self::write_groups`] wrote, replacing groups with the same key.
+    fn read_groups(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
         if from.u64()? == 1 {
             let batch = from.batch()?;
             self.restore_groups(&batch)?;
@@ -622,14 +701,8 @@ impl Operator for AggregateOperator {
     }
 }
 
-/// Checkpoint encoding of the groups: one batch with the key columns, the row count, the
-/// window end, what was emitted, and each aggregate's state (its accumulator's `state()`
-/// fields, or the recompute multiset as bytes).
 impl AggregateOperator {
-    fn snapshot_groups(&mut self) -> WeirResult<Option<RecordBatch>> {
-        let slots: Vec<usize> = (0..self.groups.len())
-            .filter(|&s| self.groups[s].is_some())
-            .collect();
+    fn snapshot_groups(&mut self, slots: &[usize]) -> WeirResult<Option<RecordBatch>> {
         if slots.is_empty() {
             return Ok(None);
         }
@@ -782,10 +855,6 @@ impl AggregateOperator {
                     .collect(),
             );
         }
-        self.groups.clear();
-        self.index.clear();
-        self.free.clear();
-        self.closing.clear();
         for row in 0..n {
             let key = key_arrays
                 .iter()
@@ -823,8 +892,7 @@ impl AggregateOperator {
                 None
             };
             let window_end = (!ends.is_null(row)).then(|| ends.value(row));
-            let slot = self.groups.len();
-            self.groups.push(Some(Group {
+            let group = Group {
                 key,
                 encoded: encoded.clone(),
                 count: counts.value(row),
@@ -833,7 +901,23 @@ impl AggregateOperator {
                 emitted,
                 window_end,
                 dirty: false,
-            }));
+            };
+            // An incremental checkpoint replaces a restored group of the same key (same
+            // window, so its `closing` entry stays).
+            if let Some(&slot) = self.index.get(&encoded) {
+                self.groups[slot] = Some(group);
+                continue;
+            }
+            let slot = match self.free.pop() {
+                Some(s) => {
+                    self.groups[s] = Some(group);
+                    s
+                }
+                None => {
+                    self.groups.push(Some(group));
+                    self.groups.len() - 1
+                }
+            };
             self.index.insert(encoded, slot);
             if let Some(end) = window_end {
                 self.closing.entry(end).or_default().push(slot);

@@ -26,11 +26,17 @@ enum Job {
     Batch(ChangeBatch),
     Watermark(EventTime),
     Snapshot,
+    SnapshotChanges,
     Restore(Vec<u8>),
+    RestoreChanges(Vec<u8>),
 }
 
-/// Output batches, the watermark passed on, and a snapshot's bytes (`Job::Snapshot` only).
-type Reply = WeirResult<(Vec<ChangeBatch>, Option<EventTime>, Vec<u8>)>;
+/// Output batches, the watermark passed on, and a snapshot's bytes (`Job::Snapshot`, and
+/// `Job::SnapshotChanges` when the instance keeps a change set).
+type Reply = WeirResult<(Vec<ChangeBatch>, Option<EventTime>, InstanceState)>;
+
+/// One instance's snapshot bytes, if its job made some.
+type InstanceState = Option<Vec<u8>>;
 
 struct Worker {
     /// Jobs for the worker; dropping it ends the worker's loop.
@@ -72,7 +78,7 @@ impl ExchangeOperator {
                 .spawn(move || {
                     while let Ok(job) = job_rx.recv() {
                         let mut out = Vec::new();
-                        let mut state = Vec::new();
+                        let mut state = None;
                         let result = match job {
                             Job::Start => op.on_start(&mut out).map(|_| None),
                             Job::Batch(b) => op.on_batch(0, b, &mut out).map(|_| None),
@@ -80,12 +86,24 @@ impl ExchangeOperator {
                             Job::Snapshot => {
                                 let mut w = SnapshotWriter::new();
                                 let r = op.snapshot(&mut w);
-                                state = w.finish();
+                                state = Some(w.finish());
+                                r.map(|_| None)
+                            }
+                            Job::SnapshotChanges => {
+                                let mut w = SnapshotWriter::new();
+                                let r = op.snapshot_changes(&mut w);
+                                if matches!(r, Ok(true)) {
+                                    state = Some(w.finish());
+                                }
                                 r.map(|_| None)
                             }
                             Job::Restore(bytes) => {
                                 let mut r = SnapshotReader::new(&bytes);
                                 op.restore(&mut r).map(|_| None)
+                            }
+                            Job::RestoreChanges(bytes) => {
+                                let mut r = SnapshotReader::new(&bytes);
+                                op.restore_changes(&mut r).map(|_| None)
                             }
                         };
                         if reply_tx.send(result.map(|w| (out, w, state))).is_err() {
@@ -125,7 +143,7 @@ impl ExchangeOperator {
         &mut self,
         jobs: Vec<Option<Job>>,
         out: &mut Vec<ChangeBatch>,
-    ) -> WeirResult<(Option<EventTime>, Vec<Vec<u8>>)> {
+    ) -> WeirResult<(Option<EventTime>, Vec<InstanceState>)> {
         let mut states = Vec::with_capacity(jobs.len());
         let mut sent = Vec::with_capacity(jobs.len());
         for (worker, job) in self.workers.iter().zip(jobs) {
@@ -138,7 +156,7 @@ impl ExchangeOperator {
         let mut watermark: Option<EventTime> = None;
         for (worker, has) in self.workers.iter().zip(sent) {
             if !has {
-                states.push(Vec::new());
+                states.push(None);
                 continue;
             }
             let (batches, w, state) = worker.replies.recv().map_err(|_| Self::gone())??;
@@ -222,12 +240,50 @@ impl Operator for ExchangeOperator {
         let (_, states) = self.round_with_state(jobs, &mut Vec::new())?;
         out.u64(states.len() as u64);
         for state in states {
-            out.bytes(&state);
+            out.bytes(&state.unwrap_or_default());
         }
         Ok(())
     }
 
     fn restore(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        let jobs = self.instance_states(from, Job::Restore)?;
+        self.round(jobs, &mut Vec::new())?;
+        Ok(())
+    }
+
+    /// Every instance's changes, or false when one keeps no change set (the instances that
+    /// wrote theirs are then covered by the full snapshot the runtime takes next).
+    fn snapshot_changes(&mut self, out: &mut SnapshotWriter) -> WeirResult<bool> {
+        let jobs = self
+            .workers
+            .iter()
+            .map(|_| Some(Job::SnapshotChanges))
+            .collect();
+        let (_, states) = self.round_with_state(jobs, &mut Vec::new())?;
+        let Some(states) = states.into_iter().collect::<Option<Vec<_>>>() else {
+            return Ok(false);
+        };
+        out.u64(states.len() as u64);
+        for state in states {
+            out.bytes(&state);
+        }
+        Ok(true)
+    }
+
+    fn restore_changes(&mut self, from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        let jobs = self.instance_states(from, Job::RestoreChanges)?;
+        self.round(jobs, &mut Vec::new())?;
+        Ok(())
+    }
+}
+
+impl ExchangeOperator {
+    /// Reads one state per instance (as [`Operator::snapshot`] wrote them) into jobs.
+    fn instance_states(
+        &self,
+        from: &mut SnapshotReader<'_>,
+        job: fn(Vec<u8>) -> Job,
+    ) -> WeirResult<Vec<Option<Job>>> {
         let n = from.u64()? as usize;
         if n != self.workers.len() {
             return Err(WeirError::internal(format!(
@@ -235,10 +291,8 @@ impl Operator for ExchangeOperator {
                 self.workers.len()
             )));
         }
-        let jobs = (0..n)
-            .map(|_| from.bytes().map(|b| Some(Job::Restore(b.to_vec()))))
-            .collect::<WeirResult<Vec<_>>>()?;
-        self.round(jobs, &mut Vec::new())?;
-        Ok(())
+        (0..n)
+            .map(|_| from.bytes().map(|b| Some(job(b.to_vec()))))
+            .collect()
     }
 }

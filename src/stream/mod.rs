@@ -93,12 +93,31 @@ pub trait Operator: Send {
         Ok(Some(watermark))
     }
 
+    /// Writes the operator's whole state for a checkpoint (nothing for stateless ones).
     fn snapshot(&mut self, _out: &mut SnapshotWriter) -> WeirResult<()> {
         Ok(())
     }
 
+    /// Replaces a fresh operator's state with what [`Operator::snapshot`] wrote (instead of
+    /// `on_start`).
     fn restore(&mut self, _from: &mut SnapshotReader<'_>) -> WeirResult<()> {
         Ok(())
+    }
+
+    /// For an incremental checkpoint: writes only what changed since the last `snapshot`,
+    /// `restore` or `snapshot_changes`, and returns true. Returns false, writing nothing and
+    /// changing nothing, when the operator keeps no change set (its state is small, or it has
+    /// not been snapshotted yet): the runtime then takes [`Operator::snapshot`].
+    fn snapshot_changes(&mut self, _out: &mut SnapshotWriter) -> WeirResult<bool> {
+        Ok(false)
+    }
+
+    /// Applies what `snapshot_changes` wrote, on top of the state restored so far.
+    fn restore_changes(&mut self, _from: &mut SnapshotReader<'_>) -> WeirResult<()> {
+        Err(crate::types::WeirError::internal(format!(
+            "{} has no incremental checkpoint state",
+            self.describe()
+        )))
     }
 }
 

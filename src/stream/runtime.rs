@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::source::{LateRow, SourceStats, WatermarkSpec};
 use super::{EventTime, NO_WATERMARK, Operator};
 use crate::connector::api::{Sink, Source, SourceChunk};
-use crate::state::{CheckpointStore, Manifest, SnapshotReader, SnapshotWriter, ZSetState};
+use crate::state::{
+    CheckpointStore, Manifest, SnapshotReader, SnapshotWriter, ZSetState, consolidate,
+};
 use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
 
 /// Messages read from one input before the loop turns to the next (bounds batch size and
@@ -134,8 +136,10 @@ impl DataflowBuilder {
             paused: None,
             checkpointing: None,
             epoch: 0,
+            last_checkpoint: None,
             restored: None,
             changed_since_checkpoint: false,
+            root_changes: RootChanges::default(),
         }
     }
 }
@@ -151,11 +155,95 @@ pub struct Dataflow {
     checkpointing: Option<Checkpointing>,
     /// The last checkpointed epoch (0: none yet).
     epoch: u64,
+    /// Its manifest, which the next incremental checkpoint extends; `None` before the first
+    /// and after a failed one (the next is then full, since the failed one may have taken
+    /// operators' change sets).
+    last_checkpoint: Option<Manifest>,
     /// The root's part of the checkpoint recovery started from (a sink restores it on the
     /// dataflow's thread), with its epoch.
     restored: Option<(u64, Vec<u8>)>,
     /// Whether anything moved since the last checkpoint (an idle view skips checkpoints).
     changed_since_checkpoint: bool,
+    /// The view's changes since the last checkpoint.
+    root_changes: RootChanges,
+}
+
+/// What a view's rows went through since the last checkpoint, so an incremental checkpoint
+/// writes the net changes instead of every row.
+#[derive(Default)]
+struct RootChanges {
+    /// Set by the first checkpoint or restore; until then nothing is kept.
+    tracking: bool,
+    batches: Vec<ChangeBatch>,
+    rows: usize,
+    /// More changed rows than the view holds: the next checkpoint writes the rows instead.
+    overflow: bool,
+}
+
+impl RootChanges {
+    fn record(&mut self, batch: &ChangeBatch, view_rows: usize) {
+        if !self.tracking || self.overflow {
+            return;
+        }
+        self.rows += batch.num_rows();
+        if self.rows > view_rows.max(ROOT_CHANGES_MIN) {
+            self.overflow = true;
+            self.batches.clear();
+        } else {
+            self.batches.push(batch.clone());
+        }
+    }
+
+    fn reset(&mut self) {
+        *self = RootChanges {
+            tracking: true,
+            ..RootChanges::default()
+        };
+    }
+}
+
+/// Changed rows a view may collect between checkpoints whatever its size.
+const ROOT_CHANGES_MIN: usize = 65_536;
+
+/// Entries of a state file: an operator's (or the root's) whole state, or its changes since
+/// the previous epoch.
+const ENTRY_FULL: u64 = 0;
+const ENTRY_CHANGES: u64 = 1;
+
+/// A chain of state files grows until it holds this many files, or until its incremental
+/// files together are as large as its first (full) one; the next checkpoint is then full.
+/// Recovery so reads at most about twice the state's size, and a checkpoint writes what
+/// changed rather than everything.
+const CHAIN_FILES_MAX: usize = 16;
+
+fn extends_chain(last: &Manifest) -> bool {
+    let Some((first, rest)) = last.chain.split_first() else {
+        return false;
+    };
+    last.chain.len() < CHAIN_FILES_MAX && rest.iter().map(|f| f.bytes).sum::<u64>() < first.bytes
+}
+
+/// One state file of a chain, read.
+struct StateEntries<'a> {
+    /// Per input: positions, max event time, sent watermark.
+    inputs: Vec<(Vec<u64>, EventTime, EventTime)>,
+    /// Per node, then the root: entry kind and bytes.
+    entries: Vec<(u64, &'a [u8])>,
+}
+
+/// The entries of one node (or the root: the last index) across the chain: the last full one
+/// and the changes after it.
+fn entry_chain<'a, 'b>(
+    files: &'b [StateEntries<'a>],
+    index: usize,
+) -> Option<(&'a [u8], impl Iterator<Item = &'a [u8]> + 'b)> {
+    let start = files
+        .iter()
+        .rposition(|f| f.entries[index].0 == ENTRY_FULL)?;
+    Some((
+        files[start].entries[index].1,
+        files[start + 1..].iter().map(move |f| f.entries[index].1),
+    ))
 }
 
 /// Where and how often a dataflow checkpoints, and what it reports about it.
@@ -183,7 +271,7 @@ pub const CHECKPOINT_HISTORY: usize = 32;
 
 /// Format of a dataflow's state file; bumped when the layout changes (an older checkpoint is
 /// then not restored: the dataflow rebuilds from its inputs).
-const SNAPSHOT_VERSION: u64 = 1;
+const SNAPSHOT_VERSION: u64 = 2;
 
 /// What a dataflow maintains at its root: a view's rows, or a sink.
 pub enum Output {
@@ -498,8 +586,12 @@ impl Dataflow {
                     Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
                 }
             }
+            // A source may ask for a checkpoint early (its broker holds unacknowledged
+            // messages until one covers them).
+            let wanted = self.changed_since_checkpoint
+                && self.inputs.iter().any(|i| i.source.checkpoint_wanted());
             if let Some(at) = next_checkpoint
-                && tokio::time::Instant::now() >= at
+                && (wanted || tokio::time::Instant::now() >= at)
             {
                 let is_sink = matches!(output, Output::Sink(..));
                 if (self.changed_since_checkpoint || is_sink)
@@ -634,16 +726,19 @@ impl Dataflow {
 
     /// Restores the latest checkpoint of this dataflow's fingerprint, if any: input
     /// positions and watermarks, operator state, the view's rows (a sink's part is kept for
-    /// [`Sink::restore`] on the dataflow's thread).
+    /// [`Sink::restore`] on the dataflow's thread). Each operator restores its last full
+    /// entry in the chain, then applies the changes of the files after it.
     fn recover(&mut self, output: &mut Output) -> WeirResult<()> {
         let Some(c) = &self.checkpointing else {
             return Ok(());
         };
-        let Some((manifest, state)) = c.store.latest()? else {
+        let Some((manifest, files)) = c.store.latest()? else {
             return Ok(());
         };
-        let mut r = SnapshotReader::new(&state);
-        if manifest.fingerprint != c.fingerprint || r.u64()? != SNAPSHOT_VERSION {
+        let versions_match = files
+            .iter()
+            .all(|f| SnapshotReader::new(f).u64().ok() == Some(SNAPSHOT_VERSION));
+        if manifest.fingerprint != c.fingerprint || !versions_match {
             tracing::warn!(
                 dir = %c.store.dir().display(),
                 "checkpoint belongs to another definition or format; rebuilding from the inputs"
@@ -660,47 +755,100 @@ impl Dataflow {
                 ),
             )
         };
-        if r.u64()? as usize != self.inputs.len() {
-            return Err(mismatch("inputs"));
+        let mut chain = Vec::with_capacity(files.len());
+        for file in &files {
+            let mut r = SnapshotReader::new(file);
+            r.u64()?;
+            if r.u64()? as usize != self.inputs.len() {
+                return Err(mismatch("inputs"));
+            }
+            let mut inputs = Vec::with_capacity(self.inputs.len());
+            for _ in 0..self.inputs.len() {
+                let n = r.u64()? as usize;
+                let positions = (0..n).map(|_| r.u64()).collect::<WeirResult<Vec<_>>>()?;
+                inputs.push((positions, r.i64()?, r.i64()?));
+            }
+            if r.u64()? as usize != self.nodes.len() {
+                return Err(mismatch("operators"));
+            }
+            let entries = (0..=self.nodes.len())
+                .map(|_| Ok((r.u64()?, r.bytes()?)))
+                .collect::<WeirResult<Vec<_>>>()?;
+            chain.push(StateEntries { inputs, entries });
         }
-        for input in &mut self.inputs {
-            let n = r.u64()? as usize;
-            let positions = (0..n).map(|_| r.u64()).collect::<WeirResult<Vec<_>>>()?;
-            input.source.seek(&positions)?;
-            input.max_event_time = r.i64()?;
-            input.sent_watermark = r.i64()?;
+        let last = chain.last().ok_or_else(|| mismatch("empty chain"))?;
+        for (input, (positions, max_event_time, sent)) in self.inputs.iter_mut().zip(&last.inputs) {
+            input.source.seek(positions)?;
+            input.max_event_time = *max_event_time;
+            input.sent_watermark = *sent;
             input.last_activity = (std::time::Instant::now(), input.max_event_time);
             if let Some(stats) = &input.stats {
                 stats.raise_watermark(input.sent_watermark);
             }
         }
-        if r.u64()? as usize != self.nodes.len() {
-            return Err(mismatch("operators"));
+        for (n, node) in self.nodes.iter_mut().enumerate() {
+            let (full, changes) =
+                entry_chain(&chain, n).ok_or_else(|| mismatch("no full operator state"))?;
+            node.op.restore(&mut SnapshotReader::new(full))?;
+            for bytes in changes {
+                node.op.restore_changes(&mut SnapshotReader::new(bytes))?;
+            }
         }
-        for node in &mut self.nodes {
-            let bytes = r.bytes()?;
-            node.op.restore(&mut SnapshotReader::new(bytes))?;
-        }
-        let root = r.bytes()?;
+        let (full, changes) =
+            entry_chain(&chain, self.nodes.len()).ok_or_else(|| mismatch("no full root state"))?;
         match output {
             Output::View(view) => {
-                let mut rr = SnapshotReader::new(root);
                 let mut state = view.state.lock().unwrap_or_else(|p| p.into_inner());
+                let schema = state.schema().clone();
+                let rebuild = |batch: arrow::array::RecordBatch| {
+                    arrow::array::RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+                        .map_err(|_| mismatch("view columns"))
+                };
+                let mut rows = Vec::new();
+                let mut rr = SnapshotReader::new(full);
                 for _ in 0..rr.u64()? {
-                    let batch = rr.batch()?;
-                    let batch = arrow::array::RecordBatch::try_new(
-                        state.schema().clone(),
-                        batch.columns().to_vec(),
-                    )
-                    .map_err(|_| mismatch("view columns"))?;
-                    state.apply(&ChangeBatch::inserts(batch))?;
+                    rows.push(ChangeBatch::inserts(rebuild(rr.batch()?)?));
+                }
+                let mut incremental = false;
+                for bytes in changes {
+                    incremental = true;
+                    let mut rr = SnapshotReader::new(bytes);
+                    if rr.u64()? == 1 {
+                        let batch = rebuild(rr.batch()?)?;
+                        let weights = rr.batch()?;
+                        let weights = weights
+                            .column(0)
+                            .as_any()
+                            .downcast_ref::<Int64Array>()
+                            .cloned()
+                            .ok_or_else(|| mismatch("view change weights"))?;
+                        rows.push(ChangeBatch {
+                            rows: batch,
+                            weights: Some(weights),
+                        });
+                    }
+                }
+                if incremental {
+                    // The rows and their changes net out in one pass; what remains is
+                    // inserted (a retraction left over means the chain is damaged).
+                    rows = consolidate(&schema, &rows)?.into_iter().collect();
+                    if let Some(w) = rows.first().and_then(|c| c.weights.as_ref())
+                        && w.values().iter().any(|&w| w < 0)
+                    {
+                        return Err(mismatch("view changes retract missing rows"));
+                    }
+                }
+                for change in &rows {
+                    state.apply(change)?;
                 }
                 view.progress.lock().unwrap_or_else(|p| p.into_inner()).rows =
                     state.num_rows() as u64;
             }
-            Output::Sink(..) => self.restored = Some((manifest.epoch, root.to_vec())),
+            Output::Sink(..) => self.restored = Some((manifest.epoch, full.to_vec())),
         }
         self.epoch = manifest.epoch;
+        self.root_changes.reset();
+        self.last_checkpoint = Some(manifest.clone());
         let mut history = c.history.lock().unwrap_or_else(|p| p.into_inner());
         history.restored_epoch = Some(manifest.epoch);
         history.recent.push_back(manifest);
@@ -711,7 +859,8 @@ impl Dataflow {
     /// root's (a view's rows; a sink pre-commits), written durably; then a sink commits.
     /// The dataflow runs its operators one batch at a time, so between two rounds every
     /// operator has seen exactly the input up to the recorded positions: the barrier is
-    /// aligned by construction.
+    /// aligned by construction. While the chain may grow (see [`CHAIN_FILES_MAX`]),
+    /// operators that keep a change set and the view write only what changed.
     async fn checkpoint(&mut self, output: &mut Output) -> WeirResult<u64> {
         let Some(c) = &self.checkpointing else {
             return Ok(0);
@@ -719,25 +868,63 @@ impl Dataflow {
         let started = std::time::Instant::now();
         let taken_at_ms = chrono::Utc::now().timestamp_millis();
         let epoch = self.epoch + 1;
+        let previous = self.last_checkpoint.take();
+        let incremental = previous.as_ref().is_some_and(extends_chain);
         let mut w = SnapshotWriter::new();
         w.u64(SNAPSHOT_VERSION);
         w.u64(self.inputs.len() as u64);
-        for input in &self.inputs {
-            let positions = input.source.positions();
+        let positions: Vec<Vec<u64>> = self.inputs.iter().map(|i| i.source.positions()).collect();
+        for (input, positions) in self.inputs.iter().zip(&positions) {
             w.u64(positions.len() as u64);
-            for p in positions {
+            for &p in positions {
                 w.u64(p);
             }
             w.i64(input.max_event_time);
             w.i64(input.sent_watermark);
         }
         w.u64(self.nodes.len() as u64);
+        // Whether any entry holds only changes: if none does, this epoch starts a new chain.
+        let mut wrote_changes = false;
         for node in &mut self.nodes {
             let mut nw = SnapshotWriter::new();
-            node.op.snapshot(&mut nw)?;
+            if incremental && node.op.snapshot_changes(&mut nw)? {
+                wrote_changes = true;
+                w.u64(ENTRY_CHANGES);
+            } else {
+                nw = SnapshotWriter::new();
+                node.op.snapshot(&mut nw)?;
+                w.u64(ENTRY_FULL);
+            }
             w.bytes(&nw.finish());
         }
-        let root = match output {
+        let changes = std::mem::take(&mut self.root_changes);
+        self.root_changes.reset();
+        match output {
+            Output::View(view) if incremental && changes.tracking && !changes.overflow => {
+                let schema = view
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .schema()
+                    .clone();
+                let mut rw = SnapshotWriter::new();
+                match consolidate(&schema, &changes.batches)? {
+                    Some(net) => {
+                        rw.u64(1);
+                        rw.batch(&net.rows)?;
+                        let weights: arrow::array::ArrayRef =
+                            Arc::new(net.weights.unwrap_or_else(|| Int64Array::from(vec![1])));
+                        let weights =
+                            arrow::array::RecordBatch::try_from_iter([("weight", weights)])
+                                .map_err(|e| WeirError::internal(format!("view changes: {e}")))?;
+                        rw.batch(&weights)?;
+                    }
+                    None => rw.u64(0),
+                }
+                wrote_changes = true;
+                w.u64(ENTRY_CHANGES);
+                w.bytes(&rw.finish());
+            }
             Output::View(view) => {
                 let batches = view
                     .state
@@ -749,11 +936,14 @@ impl Dataflow {
                 for b in &batches {
                     rw.batch(b)?;
                 }
-                rw.finish()
+                w.u64(ENTRY_FULL);
+                w.bytes(&rw.finish());
             }
-            Output::Sink(sink, _) => sink.precommit(epoch).await?,
-        };
-        w.bytes(&root);
+            Output::Sink(sink, _) => {
+                w.u64(ENTRY_FULL);
+                w.bytes(&sink.precommit(epoch).await?);
+            }
+        }
         let state = w.finish();
         let manifest = Manifest {
             epoch,
@@ -761,11 +951,14 @@ impl Dataflow {
             duration_ms: 0,
             bytes: 0,
             fingerprint: c.fingerprint.clone(),
-            state_file: String::new(),
-            crc32: 0,
+            incremental: wrote_changes,
+            chain: Vec::new(),
         };
-        let manifest = c.store.commit(manifest, &state, started)?;
+        let manifest = c
+            .store
+            .commit(manifest, previous.as_ref(), &state, started)?;
         self.epoch = epoch;
+        self.last_checkpoint = Some(manifest.clone());
         self.changed_since_checkpoint = false;
         if let Output::Sink(sink, _) = output {
             // The epoch is durable: its output must become visible. A failing store is
@@ -790,6 +983,10 @@ impl Dataflow {
                     Err(e) => return Err(e),
                 }
             }
+        }
+        // Committed: the sources may acknowledge upstream what the epoch covers.
+        for (input, positions) in self.inputs.iter_mut().zip(&positions) {
+            input.source.committed(positions);
         }
         let mut history = c.history.lock().unwrap_or_else(|p| p.into_inner());
         history.recent.push_back(manifest);
@@ -873,6 +1070,7 @@ impl Dataflow {
                     let schema = state.schema().clone();
                     let batch = super::with_schema(batch, &schema)?;
                     state.apply(&batch)?;
+                    self.root_changes.record(&batch, state.num_rows());
                     output
                         .progress
                         .lock()

@@ -296,3 +296,193 @@ async fn a_topic_sink_publishes_each_row_once_across_crashes() {
     server.kill9().await;
     assert_no_panics(&log);
 }
+
+/// Views of the incremental-checkpoint test: an updating aggregate over a table (groups
+/// change, vanish and come back; `max` keeps its values), and one over a source behind a
+/// two-instance exchange.
+const INCREMENTAL_VIEWS: &[(&str, &str)] = &[
+    ("per_g", "SELECT g, n, total, top FROM per_g ORDER BY g"),
+    (
+        "per_user",
+        "SELECT user_id, n FROM per_user ORDER BY user_id",
+    ),
+];
+
+async fn incremental_setup(client: &Client) {
+    run(
+        client,
+        "CREATE TABLE kv (id BIGINT PRIMARY KEY, g BIGINT, v BIGINT);
+         CREATE SOURCE clicks (user_id BIGINT, ts TIMESTAMP) FORMAT JSON;
+         SET streaming_parallelism = 1;
+         CREATE MATERIALIZED VIEW per_g AS SELECT g, count(*) AS n, sum(v) AS total, \
+             max(v) AS top FROM kv GROUP BY g;
+         SET streaming_parallelism = 2;
+         CREATE MATERIALIZED VIEW per_user AS SELECT user_id, count(*) AS n FROM clicks \
+             GROUP BY user_id",
+    )
+    .await;
+    for chunk in 0..2u64 {
+        let rows: Vec<String> = (chunk * 4000..(chunk + 1) * 4000)
+            .map(|id| format!("({id}, {}, {})", id % 800, (id * 7) % 1000))
+            .collect();
+        run(
+            client,
+            &format!("INSERT INTO kv VALUES {}", rows.join(", ")),
+        )
+        .await;
+        run(
+            client,
+            &clicks((chunk * 4000..(chunk + 1) * 4000).map(|i| i % 2000)),
+        )
+        .await;
+    }
+}
+
+fn clicks(users: impl Iterator<Item = u64>) -> String {
+    let rows: Vec<String> = users
+        .map(|u| format!("({u}, TIMESTAMP '2026-01-01 10:00:00')"))
+        .collect();
+    format!("INSERT INTO clicks VALUES {}", rows.join(", "))
+}
+
+async fn incremental_contents(client: &Client) -> Vec<(String, Vec<Vec<Option<String>>>)> {
+    run(client, "FLUSH").await;
+    let mut out = Vec::new();
+    for (name, select) in INCREMENTAL_VIEWS {
+        out.push((name.to_string(), simple_rows(client, select).await));
+    }
+    out
+}
+
+/// The newest checkpoint of each incremental-test view: (incremental, bytes, chain_files,
+/// epoch).
+async fn newest_checkpoints(client: &Client) -> Vec<(bool, i64, i64, i64)> {
+    let mut out = Vec::new();
+    for (name, _) in INCREMENTAL_VIEWS {
+        let row = simple_rows(
+            client,
+            &format!(
+                "SELECT incremental, bytes, chain_files, epoch FROM weir_checkpoints \
+                 WHERE dataflow = '{name}' ORDER BY epoch DESC LIMIT 1"
+            ),
+        )
+        .await;
+        let row = &row[0];
+        let num = |i: usize| row[i].as_deref().unwrap().parse::<i64>().unwrap();
+        out.push((row[0].as_deref() == Some("t"), num(1), num(2), num(3)));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_checkpoints_write_what_changed_and_recover_the_chain() {
+    let reference = TestServer::start().await;
+    let r = reference.connect().await;
+    incremental_setup(&r).await;
+    let (dir, log) = temp_dir_with_log();
+    let data = dir.path().join("data");
+    let args = ["--checkpoint-interval", "1h"];
+    let server = BinaryServer::start_with(&data, &log, &args).await;
+    let c = server.connect().await;
+    incremental_setup(&c).await;
+    run(&c, "FLUSH").await;
+    run(&c, "CHECKPOINT").await;
+    let full = newest_checkpoints(&c).await;
+    for (i, (incremental, bytes, files, epoch)) in full.iter().enumerate() {
+        assert!(!incremental, "the first checkpoint is full: {full:?}");
+        assert_eq!((*files, *epoch), (1, 1), "{:?}", INCREMENTAL_VIEWS[i]);
+        assert!(
+            *bytes > 20_000,
+            "800 groups / 2000 users of state: {full:?}"
+        );
+    }
+
+    // A few groups change, one disappears, a user is new: the next epoch writes those.
+    let step2 = format!(
+        "UPDATE kv SET v = v + 1 WHERE id < 10; DELETE FROM kv WHERE g = 7; {}",
+        clicks((0..20).chain([9999]))
+    );
+    // The vanished group comes back, another goes.
+    let step3 = format!(
+        "INSERT INTO kv VALUES (100000, 7, 5); DELETE FROM kv WHERE g = 8; {}",
+        clicks([9999, 3, 4].into_iter())
+    );
+    for (step, epoch) in [(&step2, 2), (&step3, 3)] {
+        run(&r, step).await;
+        run(&c, step).await;
+        run(&c, "FLUSH").await;
+        run(&c, "CHECKPOINT").await;
+        let now = newest_checkpoints(&c).await;
+        for ((incremental, bytes, files, e), (_, full_bytes, _, _)) in now.iter().zip(&full) {
+            assert!(incremental, "epoch {epoch} is incremental: {now:?}");
+            assert_eq!((*files, *e), (epoch, epoch), "{now:?}");
+            assert!(
+                bytes * 10 < *full_bytes,
+                "epoch {epoch} writes what changed, not everything: {now:?} vs {full:?}"
+            );
+        }
+    }
+    // Changes after the last checkpoint are read again from the logs after the crash.
+    let step4 = format!(
+        "UPDATE kv SET v = 0 WHERE id >= 20 AND id < 30; {}",
+        clicks(0..50)
+    );
+    run(&r, &step4).await;
+    run(&c, &step4).await;
+    let want = incremental_contents(&r).await;
+    assert_eq!(incremental_contents(&c).await, want, "before the crash");
+    server.kill9().await;
+
+    let server = BinaryServer::start_with(&data, &log, &args).await;
+    let c = server.connect().await;
+    assert_eq!(incremental_contents(&c).await, want, "after kill -9");
+    let restored = simple_rows(
+        &c,
+        "SELECT dataflow, chain_files FROM weir_checkpoints WHERE restored AND epoch = 3 \
+         ORDER BY dataflow",
+    )
+    .await;
+    assert_eq!(
+        restored,
+        vec![
+            vec![Some("per_g".into()), Some("3".into())],
+            vec![Some("per_user".into()), Some("3".into())],
+        ],
+        "both restored the three-file chain"
+    );
+
+    // Everything changes twice: the chain outgrows its full file and starts over.
+    let mut chains = Vec::new();
+    for round in 0..2 {
+        let step = format!("UPDATE kv SET v = v + {round} + 1; {}", clicks(0..2000));
+        run(&r, &step).await;
+        run(&c, &step).await;
+        run(&c, "FLUSH").await;
+        run(&c, "CHECKPOINT").await;
+        chains.push(newest_checkpoints(&c).await);
+    }
+    for v in 0..INCREMENTAL_VIEWS.len() {
+        assert!(
+            chains.iter().any(|epoch| !epoch[v].0 && epoch[v].2 == 1),
+            "{}: a full checkpoint restarts the chain: {chains:?}",
+            INCREMENTAL_VIEWS[v].0
+        );
+    }
+    let step = format!("DELETE FROM kv WHERE g = 9; {}", clicks(7..9));
+    run(&r, &step).await;
+    run(&c, &step).await;
+    run(&c, "FLUSH").await;
+    run(&c, "CHECKPOINT").await;
+    server.kill9().await;
+    let server = BinaryServer::start_with(&data, &log, &args).await;
+    let c = server.connect().await;
+    assert_eq!(
+        incremental_contents(&c).await,
+        incremental_contents(&r).await,
+        "after the second crash"
+    );
+    drop(c);
+    let status = server.stop().await;
+    assert!(status.success(), "weir should exit cleanly, got {status}");
+    assert_no_panics(&log);
+}

@@ -84,6 +84,26 @@ async fn sql_reference_examples_run() {
     assert_eq!(dead, vec![text(&["clicks", "1"])]);
     let pages = harness::simple_rows(&client, "SELECT page, clicks FROM pages").await;
     assert_eq!(pages, vec![text(&["/home", "1"])]);
+    // After the examples' CHECKPOINT, one more click: the next checkpoint of the updating
+    // `pages` view writes only what changed, as a second file of its chain.
+    client
+        .batch_execute(
+            "INSERT INTO clicks_raw (payload) VALUES ('/cart,2026-01-01 10:00:05'); \
+             FLUSH; CHECKPOINT",
+        )
+        .await
+        .expect("one more click, checkpointed");
+    let newest = harness::simple_rows(
+        &client,
+        "SELECT incremental, chain_files > 1, bytes < chain_bytes FROM weir_checkpoints \
+         WHERE dataflow = 'pages' ORDER BY epoch DESC LIMIT 1",
+    )
+    .await;
+    assert_eq!(
+        newest,
+        vec![text(&["t", "t", "t"])],
+        "pages' newest checkpoint"
+    );
     // The sink published each closed window once, at the checkpoint.
     let sunk = harness::simple_rows(&client, "SELECT payload FROM closed_windows ORDER BY 1").await;
     assert_eq!(

@@ -24,7 +24,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_postgres::Client;
-use weir::connector::rabbitmq::{self, IngestLog, IngestMessage, IngestStatus, RabbitMqConfig};
+use weir::connector::rabbitmq::{
+    self, AckGate, IngestLog, IngestMessage, IngestStatus, RabbitMqConfig,
+};
 use weir::queue::topic::{Message, Topic, TopicConfig};
 use weir::types::{WeirError, WeirResult};
 
@@ -420,7 +422,19 @@ async fn queue_source_feeds_a_window_view_and_dead_letters_bad_messages() {
             text(&["42", r#"{"id": "forty", "ts": 7}"#]),
         ]
     );
-    // Everything was acknowledged: the queue is empty and the counters add up.
+    // Everything is acknowledged once a checkpoint covers it: the queue is empty and the
+    // counters add up.
+    client
+        .batch_execute("CHECKPOINT")
+        .await
+        .expect("checkpoint");
+    wait_for_value(
+        &client,
+        "all 53 messages acknowledged",
+        "SELECT acked FROM weir_sources WHERE source = 'clicks'",
+        "53",
+    )
+    .await;
     let status = simple_rows(
         &client,
         "SELECT status, received, appended, acked, duplicates, reconnects, topic, delivery \
@@ -438,7 +452,7 @@ async fn queue_source_feeds_a_window_view_and_dead_letters_bad_messages() {
             "0",
             "0",
             &origin,
-            "exactly once: acknowledged after the durable append; redeliveries deduplicated",
+            "exactly once: acknowledged after the checkpoints that cover it; redeliveries deduplicated",
         ])]
     );
     broker.wait_until_drained(&queue).await;
@@ -1082,6 +1096,9 @@ async fn redeliveries_of_a_batch_appended_but_not_acknowledged_are_skipped() {
         ("url", AMQP_URL),
         ("queue", queue.as_str()),
         ("prefetch", "50"),
+        // No dataflow reads this log: acknowledge after the append (with the default
+        // 'checkpoint' nothing would be acknowledged without readers).
+        ("ack", "append"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1093,6 +1110,7 @@ async fn redeliveries_of_a_batch_appended_but_not_acknowledged_are_skipped() {
         "window_1".to_string(),
         log.clone(),
         Arc::new(IngestStatus::new()),
+        AckGate::new(),
     ));
     poll_until("the crash window", || async {
         log.frozen.load(Ordering::SeqCst).then_some(())
@@ -1111,6 +1129,7 @@ async fn redeliveries_of_a_batch_appended_but_not_acknowledged_are_skipped() {
         "window_2".to_string(),
         log.clone(),
         status.clone(),
+        AckGate::new(),
     ));
     broker.wait_until_drained(&queue).await;
     // A last message after all others: the redeliveries came before it.
@@ -1132,5 +1151,198 @@ async fn redeliveries_of_a_batch_appended_but_not_acknowledged_are_skipped() {
         "exactly the appended, unacknowledged batch was skipped ({before_restart} messages \
          were in the log before the restart): {snapshot:?}"
     );
+    broker.cleanup().await;
+}
+
+/// `ack = 'checkpoint'` (the default): RabbitMQ keeps every message until the checkpoints of the
+/// source's readers cover it — nothing is acknowledged before, a crash before the next
+/// checkpoint has RabbitMQ redeliver exactly what followed it, and a small `prefetch` does not
+/// stall the source (it asks its readers for checkpoints early). `ack = 'append'` acknowledges
+/// after the durable append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_acks_wait_for_the_checkpoint_that_covers_them() {
+    let Some(mut broker) = require_rabbitmq("queue_acks_wait_for_the_checkpoint").await else {
+        return;
+    };
+    let queue = broker.declare_queue("acks", false).await;
+    let small = broker.declare_queue("acks_small", false).await;
+    let eager = broker.declare_queue("acks_append", false).await;
+    let (dir, log) = temp_dir_with_log();
+    let data = dir.path().join("data");
+    // Checkpoints only when asked for (CHECKPOINT, or a source wanting one).
+    let args = ["--checkpoint-interval", "1h"];
+    let server = BinaryServer::start_with(&data, &log, &args).await;
+    let client = server.connect().await;
+    let acked = |source: &str| format!("SELECT acked FROM weir_sources WHERE source = '{source}'");
+    let appended =
+        |source: &str| format!("SELECT appended FROM weir_sources WHERE source = '{source}'");
+    run_create_source(
+        &client,
+        "orders",
+        "id BIGINT, note TEXT",
+        &format!("queue = '{queue}'"),
+    )
+    .await;
+    client
+        .batch_execute(
+            "CREATE MATERIALIZED VIEW per_note AS SELECT note, count(*) AS n, \
+             count(DISTINCT id) AS ids FROM orders GROUP BY note",
+        )
+        .await
+        .expect("create the view");
+    for id in 0..100 {
+        broker.publish(&queue, &same_note(id)).await;
+    }
+    wait_for_value(&client, "100 appended", &appended("orders"), "100").await;
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(
+        simple_rows(&client, "SELECT n, ids FROM per_note").await,
+        vec![text(&["100", "100"])]
+    );
+    // Durable in Weir's log, counted by the view, but no checkpoint covers it yet.
+    assert_eq!(simple_value(&client, &acked("orders")).await, "0");
+    assert_eq!(
+        broker.ready(&queue).await,
+        0,
+        "all delivered, none acknowledged"
+    );
+    client
+        .batch_execute("CHECKPOINT")
+        .await
+        .expect("checkpoint");
+    wait_for_value(&client, "100 acknowledged", &acked("orders"), "100").await;
+
+    // 40 more, then a crash before any checkpoint covers them: RabbitMQ still holds exactly
+    // those 40 and redelivers them; they are in the log already, so they are skipped, and the
+    // view (restored at the checkpoint, replaying the log) counts each message once.
+    for id in 100..140 {
+        broker.publish(&queue, &same_note(id)).await;
+    }
+    wait_for_value(&client, "140 appended", &appended("orders"), "140").await;
+    assert_eq!(simple_value(&client, &acked("orders")).await, "100");
+    drop(client);
+    server.kill9().await;
+    let server = BinaryServer::start_with(&data, &log, &args).await;
+    let client = server.connect().await;
+    wait_for_value(
+        &client,
+        "the 40 redeliveries skipped",
+        "SELECT duplicates FROM weir_sources WHERE source = 'orders'",
+        "40",
+    )
+    .await;
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(
+        simple_rows(&client, "SELECT n, ids FROM per_note").await,
+        vec![text(&["140", "140"])]
+    );
+    assert_eq!(simple_value(&client, &appended("orders")).await, "0");
+    client
+        .batch_execute("CHECKPOINT")
+        .await
+        .expect("checkpoint");
+    wait_for_value(
+        &client,
+        "the redeliveries acknowledged",
+        &acked("orders"),
+        "40",
+    )
+    .await;
+
+    // prefetch = 20 with hour-long intervals: only the checkpoints the source asks for let
+    // RabbitMQ deliver more than 20 messages.
+    run_create_source(
+        &client,
+        "small",
+        "id BIGINT, note TEXT",
+        &format!("queue = '{small}', prefetch = 20"),
+    )
+    .await;
+    client
+        .batch_execute("CREATE MATERIALIZED VIEW small_count AS SELECT count(*) AS n FROM small")
+        .await
+        .expect("create the view");
+    for id in 0..300 {
+        broker.publish(&small, &same_note(id)).await;
+    }
+    wait_for_value(
+        &client,
+        "300 appended past prefetch 20",
+        &appended("small"),
+        "300",
+    )
+    .await;
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(
+        simple_value(&client, "SELECT n FROM small_count").await,
+        "300"
+    );
+    let epochs: i64 = simple_value(
+        &client,
+        "SELECT max(epoch) FROM weir_checkpoints WHERE dataflow = 'small_count'",
+    )
+    .await
+    .parse()
+    .expect("an epoch");
+    assert!(epochs >= 5, "the source asked for checkpoints: {epochs}");
+
+    // ack = 'append': acknowledged once durable, with no checkpoint.
+    run_create_source(
+        &client,
+        "eager",
+        "id BIGINT, note TEXT",
+        &format!("queue = '{eager}', ack = 'append'"),
+    )
+    .await;
+    for id in 0..10 {
+        broker.publish(&eager, &same_note(id)).await;
+    }
+    wait_for_value(
+        &client,
+        "10 acknowledged after the append",
+        &acked("eager"),
+        "10",
+    )
+    .await;
+    let delivery = simple_rows(
+        &client,
+        "SELECT source, delivery FROM weir_sources WHERE source IN ('eager', 'orders') ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        delivery,
+        vec![
+            text(&[
+                "eager",
+                "exactly once: acknowledged after the durable append; redeliveries deduplicated"
+            ]),
+            text(&[
+                "orders",
+                "exactly once: acknowledged after the checkpoints that cover it; redeliveries deduplicated"
+            ]),
+        ]
+    );
+    assert_eq!(
+        expect_sqlstate(
+            &client,
+            &create_source("bad_ack", "id BIGINT", "queue = 'x', ack = 'later'")
+        )
+        .await,
+        "22023"
+    );
+    assert_eq!(
+        expect_sqlstate(
+            &client,
+            &create_source(
+                "bad_ack",
+                "id BIGINT",
+                "queue = 'x', mode = 'stream', ack = 'append'"
+            )
+        )
+        .await,
+        "22023"
+    );
+    drop(client);
+    stop_cleanly(server, &log).await;
     broker.cleanup().await;
 }

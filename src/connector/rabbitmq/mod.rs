@@ -9,9 +9,11 @@
 //! out). The module imports neither `queue` nor `sql`: the engine passes options in as pairs
 //! and implements [`IngestLog`] over the source's topic.
 
+mod gate;
 mod sink;
 mod source;
 
+pub use gate::AckGate;
 pub use sink::{RabbitSink, SINK_OPTIONS};
 pub use source::{
     HEADER_REDELIVERED, HEADER_STREAM_OFFSET, IngestLog, IngestMessage, IngestSnapshot,
@@ -39,6 +41,7 @@ pub const OPTIONS: &[&str] = &[
     "prefetch",
     "mode",
     "start",
+    "ack",
     "idle_timeout",
 ];
 
@@ -73,11 +76,22 @@ const NAME_BYTES_MAX: usize = 255;
 /// How the queue is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RabbitMqMode {
-    /// A classic or quorum queue: manual acks after the durable append, redeliveries
-    /// deduplicated.
+    /// A classic or quorum queue: manual acks after the covering checkpoint (or the durable
+    /// append), redeliveries deduplicated.
     Queue,
     /// A stream queue: the stream offset is stored with each message and resumed from.
     Stream,
+}
+
+/// When a queue-mode delivery is acknowledged to RabbitMQ (`ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckAfter {
+    /// Once every reader of the source (views, sinks, the monitor) committed a checkpoint that
+    /// covers the message ([`AckGate`]): RabbitMQ keeps what Weir has not checkpointed.
+    Checkpoint,
+    /// Once the message is durable in the source's own log (faster: no checkpoint is waited
+    /// for, and `prefetch` never stalls the consumer).
+    Append,
 }
 
 /// Where a stream is first read from (`start`), while the source's log is empty.
@@ -102,6 +116,8 @@ pub struct RabbitMqConfig {
     pub prefetch: u16,
     pub mode: RabbitMqMode,
     pub start: StreamStart,
+    /// Queue mode only (a stream's acks are credit).
+    pub ack: AckAfter,
 }
 
 impl fmt::Debug for RabbitMqConfig {
@@ -115,6 +131,7 @@ impl fmt::Debug for RabbitMqConfig {
             .field("prefetch", &self.prefetch)
             .field("mode", &self.mode)
             .field("start", &self.start)
+            .field("ack", &self.ack)
             .finish()
     }
 }
@@ -149,6 +166,7 @@ impl RabbitMqConfig {
         let mut prefetch = PREFETCH_DEFAULT;
         let mut mode = RabbitMqMode::Queue;
         let mut start = None;
+        let mut ack = None;
         for (key, value) in options {
             match key.as_str() {
                 "connector" | "idle_timeout" => {}
@@ -194,6 +212,18 @@ impl RabbitMqConfig {
                     }
                 }
                 "start" => start = Some(parse_start(value)?),
+                "ack" => {
+                    ack = Some(match value.to_ascii_lowercase().as_str() {
+                        "checkpoint" => AckAfter::Checkpoint,
+                        "append" => AckAfter::Append,
+                        _ => {
+                            return Err(invalid(
+                                format!("invalid value for ack: \"{value}\""),
+                                "ack = 'checkpoint' (after the checkpoint that covers the message) or 'append' (after the durable append to the source's log)",
+                            ));
+                        }
+                    })
+                }
                 other => {
                     return Err(invalid(
                         format!("unknown option \"{other}\" for connector 'rabbitmq'"),
@@ -212,6 +242,12 @@ impl RabbitMqConfig {
             return Err(invalid(
                 "start applies to stream queues only",
                 "set mode = 'stream' to read a stream queue, or drop start",
+            ));
+        }
+        if ack.is_some() && mode == RabbitMqMode::Stream {
+            return Err(invalid(
+                "ack applies to mode = 'queue' only",
+                "a stream source stores each message's stream offset and resumes from it; drop ack",
             ));
         }
         if routing_key.is_some() && exchange.is_none() {
@@ -242,6 +278,7 @@ impl RabbitMqConfig {
             prefetch,
             mode,
             start: start.unwrap_or(StreamStart::First),
+            ack: ack.unwrap_or(AckAfter::Checkpoint),
         })
     }
 

@@ -13,7 +13,9 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareO
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
-use super::{AMQPUri, DEFAULT_URL, RabbitMqConfig, RabbitMqMode, StreamStart, connect, invalid};
+use super::{
+    AMQPUri, AckAfter, DEFAULT_URL, RabbitMqConfig, RabbitMqMode, StreamStart, connect, invalid,
+};
 use crate::connector::api::{Sink, encode_appends};
 use crate::format::decode::SourceFormat;
 use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
@@ -79,6 +81,7 @@ impl RabbitSink {
             prefetch: 1,
             mode: RabbitMqMode::Queue,
             start: StreamStart::First,
+            ack: AckAfter::Append,
         };
         let mut sink = RabbitSink {
             name: name.to_string(),

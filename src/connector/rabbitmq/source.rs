@@ -3,8 +3,10 @@
 //! The ingest does not feed views directly: it *appends* every delivery to the source's own
 //! durable Weir topic (through [`IngestLog`], which the engine implements over the topic), and
 //! views, `SELECT`, `FLUSH`, dead letters and monitors read that topic like any other source. The
-//! local log is the write-ahead buffer, so a view's positions are log offsets and a message is
-//! acknowledged to RabbitMQ only after its append returned (fsync'd).
+//! local log is the write-ahead buffer, so a view's positions are log offsets. In queue mode a
+//! message is acknowledged to RabbitMQ only after its append returned (fsync'd) *and*, with
+//! `ack = 'checkpoint'` (the default), once every reader's committed checkpoint covers its
+//! offset ([`AckGate`]).
 //!
 //! What a stored message carries: the AMQP body as the payload, and as headers (values as
 //! UTF-8 text): `amqp.exchange`, `amqp.routing_key`, `amqp.redelivered` (`true`/`false`), and when
@@ -23,7 +25,8 @@
 //!
 //! # Exactly once, queue mode
 //! Deliveries are batched (up to `prefetch`, or what has arrived when the channel is momentarily
-//! empty), the batch is appended (one call, one fsync), then acknowledged with one
+//! empty), the batch is appended (one call, one fsync), held until the readers' checkpoints
+//! cover it (`ack = 'checkpoint'`), then acknowledged with one
 //! `basic.ack(last tag, multiple)`, then a `basic.qos` round trip on the same channel proves the
 //! broker processed the ack (it handles a channel's frames in order), and only then is
 //! "acknowledged through offset X" recorded ([`IngestLog::set_acked_through`]). Nothing is ever
@@ -65,9 +68,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer, ExchangeKind};
 
 use super::{
-    BACKOFF_FIRST, BACKOFF_MAX, RECOVERY_FINGERPRINTS_MAX, RECOVERY_PAGE_MESSAGES, RabbitMqConfig,
-    RabbitMqMode, StreamStart, amqp_kind, channel_error, close_gracefully, connect, is_soft,
-    open_channel, short,
+    AckAfter, AckGate, BACKOFF_FIRST, BACKOFF_MAX, RECOVERY_FINGERPRINTS_MAX,
+    RECOVERY_PAGE_MESSAGES, RabbitMqConfig, RabbitMqMode, StreamStart, amqp_kind, channel_error,
+    close_gracefully, connect, is_soft, open_channel, short,
 };
 use crate::types::{SqlState, WeirError, WeirResult};
 
@@ -247,14 +250,23 @@ pub async fn run(
     source: String,
     log: Arc<dyn IngestLog>,
     status: Arc<IngestStatus>,
+    gate: Arc<AckGate>,
 ) {
     let mut progress = Progress::default();
     let mut attempt: u32 = 0;
     let mut backoff = BACKOFF_FIRST;
     loop {
         let mut running = false;
-        let Err(error) =
-            session(&config, &source, &log, &status, &mut progress, &mut running).await;
+        let Err(error) = session(
+            &config,
+            &source,
+            &log,
+            &status,
+            &gate,
+            &mut progress,
+            &mut running,
+        )
+        .await;
         if running {
             // The broker worked until now: start the backoff over.
             attempt = 0;
@@ -285,6 +297,15 @@ struct Progress {
     stream_loaded: bool,
 }
 
+/// What one session of the ingest works with.
+struct Session<'a> {
+    config: &'a RabbitMqConfig,
+    channel: &'a Channel,
+    log: &'a Arc<dyn IngestLog>,
+    status: &'a IngestStatus,
+    gate: &'a AckGate,
+}
+
 /// One connection: connect, prepare, consume until something fails. `running` is set once
 /// consuming started.
 async fn session(
@@ -292,6 +313,7 @@ async fn session(
     source: &str,
     log: &Arc<dyn IngestLog>,
     status: &IngestStatus,
+    gate: &AckGate,
     progress: &mut Progress,
     running: &mut bool,
 ) -> WeirResult<Infallible> {
@@ -303,13 +325,16 @@ async fn session(
             return Err(e);
         }
     };
+    let session = Session {
+        config,
+        channel: &channel,
+        log,
+        status,
+        gate,
+    };
     let Err(error) = match config.mode {
-        RabbitMqMode::Queue => {
-            queue_session(config, &channel, log, status, progress, running).await
-        }
-        RabbitMqMode::Stream => {
-            stream_session(config, &channel, log, status, progress, running).await
-        }
+        RabbitMqMode::Queue => queue_session(&session, progress, running).await,
+        RabbitMqMode::Stream => stream_session(&session, progress, running).await,
     };
     // Unacknowledged deliveries go back to the queue when the channel closes.
     close_gracefully(Some(&channel), &connection).await;
@@ -335,14 +360,34 @@ fn append_error(e: WeirError) -> WeirError {
     .with_hint("nothing was acknowledged; RabbitMQ keeps the messages and the ingest retries")
 }
 
+/// A batch of deliveries appended (or skipped as duplicates) whose acknowledgement may wait
+/// for a checkpoint.
+struct HeldBatch {
+    /// Its last delivery tag (acknowledged with `multiple`).
+    tag: u64,
+    /// The log offset a checkpoint must pass: the newest appended so far (a skipped
+    /// redelivery is in the log below it); `None` while the log is empty.
+    needed: Option<u64>,
+    /// The offset of the batch's own last appended message: the acknowledged-through marker
+    /// moves there (not for a batch of redeliveries only: more of the crash window may still
+    /// be redelivered, and the marker must not pass them).
+    marker: Option<u64>,
+    /// Deliveries it settles.
+    count: usize,
+}
+
 async fn queue_session(
-    config: &RabbitMqConfig,
-    channel: &Channel,
-    log: &Arc<dyn IngestLog>,
-    status: &IngestStatus,
+    session: &Session<'_>,
     progress: &mut Progress,
     running: &mut bool,
 ) -> WeirResult<Infallible> {
+    let Session {
+        config,
+        channel,
+        log,
+        status,
+        gate,
+    } = *session;
     let acked_through = match progress.acked_through {
         Some(known) => known,
         None => {
@@ -353,8 +398,20 @@ async fn queue_session(
     };
     let mut redeliveries = Redeliveries::load(log, acked_through).await?;
     let mut consumer = start_consuming(channel, config, None, status, running).await?;
+    let mut newest = blocking(log, |l| Ok(l.end_offset())).await?.checked_sub(1);
+    let mut held = std::collections::VecDeque::<HeldBatch>::new();
+    let mut asked = tokio::time::Instant::now();
     loop {
-        let batch = next_batch(config, &mut consumer, status).await?;
+        let batch = if held.is_empty() {
+            next_batch(config, &mut consumer, status).await?
+        } else {
+            // next_batch is cancel-safe: it awaits only before taking the first delivery.
+            tokio::select! {
+                batch = next_batch(config, &mut consumer, status) => batch?,
+                _ = gate.changed() => Vec::new(),
+                _ = tokio::time::sleep(HOLD_RECHECK) => Vec::new(),
+            }
+        };
         let mut messages = Vec::with_capacity(batch.len());
         let mut last_kept = None;
         let mut too_large = Vec::new();
@@ -379,15 +436,13 @@ async fn queue_session(
             messages.push(message);
         }
         let appended = messages.len();
-        let last_offset = if messages.is_empty() {
-            None
-        } else {
-            Some(
-                blocking(log, move |l| l.append(messages))
-                    .await
-                    .map_err(append_error)?,
-            )
-        };
+        let mut marker = None;
+        if !messages.is_empty() {
+            let last = blocking(log, move |l| l.append(messages))
+                .await
+                .map_err(append_error)?;
+            (newest, marker) = (Some(last), Some(last));
+        }
         IngestStatus::add(&status.appended, appended);
         IngestStatus::add(&status.duplicates, duplicates);
         for tag in &too_large {
@@ -404,39 +459,98 @@ async fn queue_session(
             ));
         }
         if let Some(tag) = last_kept {
-            channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await
-                .map_err(|e| channel_error(config, "acknowledging on", &e))?;
+            held.push_back(HeldBatch {
+                tag,
+                needed: newest,
+                marker,
+                count: batch.len() - too_large.len(),
+            });
         }
-        // The broker answers qos after it processed the ack before it: the ack is now known.
-        channel
-            .basic_qos(config.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| channel_error(config, "confirming acknowledgements on", &e))?;
-        IngestStatus::add(&status.acked, batch.len() - too_large.len());
-        if let Some(offset) = last_offset {
-            progress.acked_through = Some(Some(offset));
-            if let Err(e) = blocking(log, move |l| l.set_acked_through(offset)).await {
-                // Only widens the duplicate check after a crash; the ingest goes on.
-                tracing::warn!(error = %e, "rabbitmq ingest: writing the acknowledged-through marker");
-                status.set_error(format!(
-                    "writing the acknowledged-through marker: {}",
-                    e.message
-                ));
-            }
+        // What may be acknowledged now: everything (ack = 'append'), or what every reader's
+        // committed checkpoint covers.
+        let covered = match config.ack {
+            AckAfter::Append => None,
+            AckAfter::Checkpoint => Some(gate.covered()),
+        };
+        let due = held
+            .iter()
+            .take_while(|h| match (covered, h.needed) {
+                (None, _) | (_, None) => true,
+                (Some(covered), Some(offset)) => covered.is_some_and(|c| offset < c),
+            })
+            .count();
+        if due > 0 {
+            acknowledge(session, progress, held.drain(..due)).await?;
+        }
+        let waiting: usize = held.iter().map(|h| h.count).sum();
+        if waiting * 2 >= usize::from(config.prefetch) && asked.elapsed() >= HOLD_RECHECK {
+            // RabbitMQ stops delivering at `prefetch` unacknowledged messages.
+            gate.want_checkpoint();
+            asked = tokio::time::Instant::now();
         }
     }
 }
 
+/// How often held acknowledgements are looked at again when nothing woke the ingest, and at
+/// most how often it asks the readers for a checkpoint.
+const HOLD_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Acknowledges the deliveries of `due` (oldest first) with one `basic.ack(last tag,
+/// multiple)`, proves the broker processed it (a `basic.qos` round trip on the same channel:
+/// the broker handles a channel's frames in order), then records "acknowledged through".
+async fn acknowledge(
+    session: &Session<'_>,
+    progress: &mut Progress,
+    due: impl Iterator<Item = HeldBatch>,
+) -> WeirResult<()> {
+    let Session {
+        config,
+        channel,
+        log,
+        status,
+        ..
+    } = *session;
+    let (mut tag, mut through, mut count) = (0, None, 0);
+    for h in due {
+        (tag, through, count) = (h.tag, h.marker.or(through), count + h.count);
+    }
+    channel
+        .basic_ack(tag, BasicAckOptions { multiple: true })
+        .await
+        .map_err(|e| channel_error(config, "acknowledging on", &e))?;
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| channel_error(config, "confirming acknowledgements on", &e))?;
+    IngestStatus::add(&status.acked, count);
+    if let Some(offset) = through
+        && progress.acked_through != Some(Some(offset))
+    {
+        progress.acked_through = Some(Some(offset));
+        if let Err(e) = blocking(log, move |l| l.set_acked_through(offset)).await {
+            // Only widens the duplicate check after a crash; the ingest goes on.
+            tracing::warn!(error = %e, "rabbitmq ingest: writing the acknowledged-through marker");
+            status.set_error(format!(
+                "writing the acknowledged-through marker: {}",
+                e.message
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn stream_session(
-    config: &RabbitMqConfig,
-    channel: &Channel,
-    log: &Arc<dyn IngestLog>,
-    status: &IngestStatus,
+    session: &Session<'_>,
     progress: &mut Progress,
     running: &mut bool,
 ) -> WeirResult<Infallible> {
+    let Session {
+        config,
+        channel,
+        log,
+        status,
+        ..
+    } = *session;
     if !progress.stream_loaded {
         progress.stream_next = last_stream_offset(log).await?.map(|o| o.saturating_add(1));
         if progress.stream_next.is_none()
