@@ -1,14 +1,21 @@
 //! [`ZSetState`]: a multiset of rows stored as Arrow batches, changed by
 //! weighted [`ChangeBatch`]es.
 //!
-//! Inserts append (coalescing small batches so scans stay batch-sized);
-//! retractions find equal rows through Arrow's row format and filter them out,
-//! a batch at a time. The optional primary-key index holds the encoded key of
-//! every live row so uniqueness is checked before a change is logged.
+//! Inserts append (coalescing small batches so scans stay batch-sized) and
+//! index each row by a hash of its Arrow row-format encoding; a retraction
+//! finds an equal live row through that index (comparing the encodings) and
+//! marks it dead, so its cost does not depend on how many rows are stored.
+//! Dead rows are filtered out of [`ZSetState::snapshot`]; a batch that is
+//! mostly dead is rewritten, and the list of batches is compacted once most
+//! of them are empty, keeping the rows in insertion order. The optional
+//! primary-key index holds the encoded key of every live row so uniqueness is
+//! checked before a change is logged.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 
 use arrow::array::{Array, BooleanArray, RecordBatch, UInt32Array};
+use arrow::buffer::BooleanBuffer;
 use arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
@@ -20,12 +27,54 @@ use crate::types::{ChangeBatch, SqlState, WeirError, WeirResult};
 const COALESCE_ROWS: usize = 8192;
 
 /// The consolidated contents of a table: every stored row has weight +1.
-#[derive(Debug)]
 pub struct ZSetState {
     schema: SchemaRef,
-    batches: Vec<RecordBatch>,
+    batches: Vec<Stored>,
+    /// Live rows.
     rows: usize,
     primary_key: Option<KeyIndex>,
+    /// Encodes whole rows: what equality and the index's hashes are over.
+    converter: RowConverter,
+    hasher: std::collections::hash_map::RandomState,
+    /// Every live row as (batch, row), found by the hash of its encoding.
+    index: hashbrown::HashTable<(u32, u32)>,
+    /// Batches with no live row left (compacted away once they are most of them).
+    empty_batches: usize,
+}
+
+/// One stored batch and which of its rows are dead.
+struct Stored {
+    rows: RecordBatch,
+    /// Per row: the hash of its encoding (the index's key).
+    hashes: Vec<u64>,
+    /// Per row: retracted. Empty while no row is.
+    dead: Vec<bool>,
+    dead_count: usize,
+}
+
+impl Stored {
+    fn live(&self) -> usize {
+        self.rows.num_rows() - self.dead_count
+    }
+
+    /// The live rows (the batch itself while none is dead).
+    fn live_rows(&self) -> WeirResult<RecordBatch> {
+        if self.dead_count == 0 {
+            return Ok(self.rows.clone());
+        }
+        let mask = BooleanArray::new(BooleanBuffer::from_iter(self.dead.iter().map(|d| !d)), None);
+        filter_record_batch(&self.rows, &mask).map_err(arrow_err("filtering rows"))
+    }
+}
+
+impl std::fmt::Debug for ZSetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZSetState")
+            .field("schema", &self.schema)
+            .field("batches", &self.batches.len())
+            .field("rows", &self.rows)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -64,11 +113,16 @@ impl ZSetState {
                 keys: HashSet::new(),
             })
         };
+        let all: Vec<usize> = (0..schema.fields().len()).collect();
         Ok(ZSetState {
+            converter: row_converter(&schema, &all)?,
             schema,
             batches: Vec::new(),
             rows: 0,
             primary_key,
+            hasher: Default::default(),
+            index: hashbrown::HashTable::new(),
+            empty_batches: 0,
         })
     }
 
@@ -76,9 +130,13 @@ impl ZSetState {
         &self.schema
     }
 
-    /// The current rows; cheap (batches share buffers).
+    /// The current rows; cheap for batches without retracted rows (they share buffers).
     pub fn snapshot(&self) -> Vec<RecordBatch> {
-        self.batches.clone()
+        self.batches
+            .iter()
+            .filter(|b| b.live() > 0)
+            .filter_map(|b| b.live_rows().ok())
+            .collect()
     }
 
     pub fn num_rows(&self) -> usize {
@@ -148,72 +206,168 @@ impl ZSetState {
                 index.keys.insert(key);
             }
         }
+        let encoded = self
+            .converter
+            .convert_columns(rows.columns())
+            .map_err(arrow_err("encoding inserted rows"))?;
+        let hashes: Vec<u64> = encoded
+            .iter()
+            .map(|r| self.hasher.hash_one(r.as_ref()))
+            .collect();
         self.rows += rows.num_rows();
-        match self.batches.last_mut() {
-            Some(last) if last.num_rows() + rows.num_rows() <= COALESCE_ROWS => {
-                *last = concat_batches(&self.schema, [&*last, &rows])
-                    .map_err(arrow_err("coalescing batches"))?;
+        let coalesce = self
+            .batches
+            .last()
+            .is_some_and(|last| last.rows.num_rows() + rows.num_rows() <= COALESCE_ROWS);
+        let (b, first_row) = if coalesce {
+            let b = self.batches.len() - 1;
+            let last = &mut self.batches[b];
+            let first_row = last.rows.num_rows();
+            if last.live() == 0 {
+                self.empty_batches -= 1;
             }
-            _ => self.batches.push(rows),
+            last.rows = concat_batches(&self.schema, [&last.rows, &rows])
+                .map_err(arrow_err("coalescing batches"))?;
+            last.hashes.extend_from_slice(&hashes);
+            if !last.dead.is_empty() {
+                last.dead.resize(last.rows.num_rows(), false);
+            }
+            (b, first_row)
+        } else {
+            self.batches.push(Stored {
+                rows,
+                hashes: hashes.clone(),
+                dead: Vec::new(),
+                dead_count: 0,
+            });
+            (self.batches.len() - 1, 0)
+        };
+        let batches = &self.batches;
+        for (i, h) in hashes.into_iter().enumerate() {
+            self.index
+                .insert_unique(h, (b as u32, (first_row + i) as u32), |&(b, r)| {
+                    batches[b as usize].hashes[r as usize]
+                });
         }
         Ok(())
     }
 
     fn retract(&mut self, rows: &RecordBatch) -> WeirResult<()> {
-        let all: Vec<usize> = (0..self.schema.fields().len()).collect();
-        let converter = row_converter(&self.schema, &all)?;
-        let wanted = converter
+        let wanted = self
+            .converter
             .convert_columns(rows.columns())
             .map_err(arrow_err("encoding retracted rows"))?;
-        let mut pending: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut missing = 0;
+        let mut touched = Vec::new();
         for row in wanted.iter() {
-            *pending.entry(row.as_ref().to_vec()).or_default() += 1;
-        }
-        let mut remaining = rows.num_rows();
-        let mut kept = Vec::with_capacity(self.batches.len());
-        // Newest first: what is retracted is usually recent (a view's group that changed, an
-        // open window), so the search stops before the old batches are even encoded.
-        for batch in self.batches.drain(..).rev() {
-            if remaining == 0 {
-                kept.push(batch);
+            let h = self.hasher.hash_one(row.as_ref());
+            let batches = &self.batches;
+            let converter = &self.converter;
+            let found = self.index.find_entry(h, |&(b, r)| {
+                let stored = &batches[b as usize];
+                stored.hashes[r as usize] == h
+                    && encode_row(converter, &stored.rows, r as usize)
+                        .is_some_and(|bytes| bytes == row.as_ref())
+            });
+            let Ok(entry) = found else {
+                missing += 1;
                 continue;
+            };
+            let ((b, r), _) = entry.remove();
+            let stored = &mut self.batches[b as usize];
+            if stored.dead.is_empty() {
+                stored.dead = vec![false; stored.rows.num_rows()];
             }
-            let encoded = converter
-                .convert_columns(batch.columns())
-                .map_err(arrow_err("encoding stored rows"))?;
-            let mask: BooleanArray = encoded
-                .iter()
-                .map(|row| match pending.get_mut(row.as_ref()) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        remaining -= 1;
-                        Some(false)
-                    }
-                    _ => Some(true),
-                })
-                .collect();
-            let filtered =
-                filter_record_batch(&batch, &mask).map_err(arrow_err("filtering rows"))?;
-            if filtered.num_rows() > 0 {
-                kept.push(filtered);
-            }
+            stored.dead[r as usize] = true;
+            stored.dead_count += 1;
+            self.rows -= 1;
+            touched.push(b as usize);
         }
-        kept.reverse();
-        self.batches = kept;
-        if remaining > 0 {
-            return Err(WeirError::new(
-                SqlState::DATA_CORRUPTED,
-                format!("{remaining} retracted rows are not present in the table"),
-            ));
-        }
-        self.rows -= rows.num_rows();
         if let Some(index) = &mut self.primary_key {
             for key in index.encode(rows)? {
                 index.keys.remove(&key);
             }
         }
+        touched.sort_unstable();
+        touched.dedup();
+        for b in touched {
+            self.compact_batch(b)?;
+        }
+        if self.empty_batches > 16 && self.empty_batches * 2 > self.batches.len() {
+            self.compact_batches();
+        }
+        if missing > 0 {
+            return Err(WeirError::new(
+                SqlState::DATA_CORRUPTED,
+                format!("{missing} retracted rows are not present in the table"),
+            ));
+        }
         Ok(())
     }
+
+    /// Rewrites batch `b` without its dead rows once most of them are dead (an empty batch
+    /// stays, empty, until [`Self::compact_batches`]).
+    fn compact_batch(&mut self, b: usize) -> WeirResult<()> {
+        let stored = &self.batches[b];
+        if stored.dead_count * 2 <= stored.rows.num_rows() {
+            return Ok(());
+        }
+        let live_rows = stored.live_rows()?;
+        let old: Vec<(u32, u64)> = (0..stored.rows.num_rows())
+            .filter(|&r| !stored.dead[r])
+            .map(|r| (r as u32, stored.hashes[r]))
+            .collect();
+        for (r, h) in &old {
+            if let Ok(entry) = self.index.find_entry(*h, |&e| e == (b as u32, *r)) {
+                entry.remove();
+            }
+        }
+        let hashes: Vec<u64> = old.iter().map(|(_, h)| *h).collect();
+        if live_rows.num_rows() == 0 {
+            self.empty_batches += 1;
+        }
+        self.batches[b] = Stored {
+            rows: live_rows,
+            hashes: hashes.clone(),
+            dead: Vec::new(),
+            dead_count: 0,
+        };
+        let batches = &self.batches;
+        for (r, h) in hashes.into_iter().enumerate() {
+            self.index
+                .insert_unique(h, (b as u32, r as u32), |&(b, r)| {
+                    batches[b as usize].hashes[r as usize]
+                });
+        }
+        Ok(())
+    }
+
+    /// Drops the empty batches and renumbers the index (rows keep their order).
+    fn compact_batches(&mut self) {
+        self.batches.retain(|b| b.live() > 0);
+        self.empty_batches = 0;
+        self.index.clear();
+        let batches = &self.batches;
+        for (b, stored) in batches.iter().enumerate() {
+            for (r, &h) in stored.hashes.iter().enumerate() {
+                if stored.dead.get(r).copied().unwrap_or(false) {
+                    continue;
+                }
+                self.index
+                    .insert_unique(h, (b as u32, r as u32), |&(b, r)| {
+                        batches[b as usize].hashes[r as usize]
+                    });
+            }
+        }
+    }
+}
+
+/// Row `row` of `batch` in the row format (None if it cannot be encoded, which a batch of
+/// the state's own schema always can).
+fn encode_row(converter: &RowConverter, batch: &RecordBatch, row: usize) -> Option<Vec<u8>> {
+    let columns: Vec<_> = batch.columns().iter().map(|c| c.slice(row, 1)).collect();
+    let rows = converter.convert_columns(&columns).ok()?;
+    Some(rows.row(0).as_ref().to_vec())
 }
 
 impl KeyIndex {
@@ -373,6 +527,97 @@ mod tests {
             .collect();
         out.sort();
         out
+    }
+
+    /// Random inserts and retractions (duplicates included, batches big enough to coalesce,
+    /// be rewritten and emptied) against a plain multiset.
+    #[test]
+    fn retractions_through_the_index_match_a_multiset() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let schema = change(&[], &[], &[]).rows.schema();
+        let mut state = ZSetState::try_new(schema.clone(), vec![]).unwrap();
+        let mut model: HashMap<(String, i64), i64> = HashMap::new();
+        for step in 0..300 {
+            let n = rng.random_range(1..3000);
+            let mut keys = Vec::new();
+            let mut values = Vec::new();
+            let mut weights = Vec::new();
+            let mut planned = model.clone();
+            // A change applies its retractions before its inserts: only rows stored before
+            // it may be retracted.
+            let mut available = model.clone();
+            for _ in 0..n {
+                let k = format!("k{}", rng.random_range(0..50));
+                let v = rng.random_range(0..40);
+                let have = available.entry((k.clone(), v)).or_default();
+                // Early steps mostly insert, later ones mostly retract what is there.
+                let retract = *have > 0 && rng.random_bool(if step < 100 { 0.3 } else { 0.7 });
+                if retract {
+                    *have -= 1;
+                }
+                let w = if retract { -1 } else { 1 };
+                *planned.entry((k.clone(), v)).or_default() += w;
+                keys.push(k);
+                values.push(v);
+                weights.push(w);
+            }
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            state.apply(&change(&keys, &values, &weights)).unwrap();
+            model = planned;
+            model.retain(|_, n| *n > 0);
+            assert_eq!(
+                state.num_rows() as i64,
+                model.values().sum::<i64>(),
+                "step {step}"
+            );
+        }
+        let batches: Vec<ChangeBatch> = state
+            .snapshot()
+            .into_iter()
+            .map(ChangeBatch::inserts)
+            .collect();
+        let mut got = consolidate(&schema, &batches)
+            .unwrap()
+            .map(|c| as_tuples(&c))
+            .unwrap_or_default();
+        let mut want: Vec<(String, i64, i64)> =
+            model.into_iter().map(|((k, v), n)| (k, v, n)).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        // Many batches emptied: the list is compacted and the index renumbered, so the rows
+        // left can still be retracted.
+        let mut state = ZSetState::try_new(schema.clone(), vec![]).unwrap();
+        let batch = |i: i64, w: i64| {
+            let keys: Vec<String> = (0..5000).map(|r| format!("b{i}r{r}")).collect();
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            change(&keys, &vec![i; 5000], &vec![w; 5000])
+        };
+        for i in 0..40 {
+            state.apply(&batch(i, 1)).unwrap();
+        }
+        assert_eq!(state.batches.len(), 40);
+        for i in 0..30 {
+            state.apply(&batch(i, -1)).unwrap();
+        }
+        assert!(
+            state.batches.len() < 30,
+            "empty batches were dropped: {}",
+            state.batches.len()
+        );
+        assert_eq!(state.num_rows(), 50_000);
+        for i in 30..40 {
+            state.apply(&batch(i, -1)).unwrap();
+        }
+        assert_eq!(state.num_rows(), 0);
+        assert!(state.snapshot().is_empty());
+        // A row that is not there is an error, not a panic.
+        let missing = change(&["nope"], &[1], &[-1]);
+        assert_eq!(
+            state.apply(&missing).unwrap_err().sqlstate,
+            SqlState::DATA_CORRUPTED
+        );
     }
 
     #[test]
