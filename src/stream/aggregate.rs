@@ -256,7 +256,17 @@ impl AggregateOperator {
             window_end,
             dirty: false,
         };
-        let slot = match self.free.pop() {
+        let slot = self.place(group);
+        self.index.insert(encoded.as_ref().into(), slot);
+        if let Some(end) = window_end {
+            self.closing.entry(end).or_default().push(slot);
+        }
+        Ok(slot)
+    }
+
+    /// Puts `group` in a free slot (or a new one) and returns the slot.
+    fn place(&mut self, group: Group) -> usize {
+        match self.free.pop() {
             Some(s) => {
                 self.groups[s] = Some(group);
                 s
@@ -265,12 +275,7 @@ impl AggregateOperator {
                 self.groups.push(Some(group));
                 self.groups.len() - 1
             }
-        };
-        self.index.insert(encoded.as_ref().into(), slot);
-        if let Some(end) = window_end {
-            self.closing.entry(end).or_default().push(slot);
         }
-        Ok(slot)
     }
 
     fn remove(&mut self, slot: usize) -> WeirResult<()> {
@@ -908,16 +913,7 @@ impl AggregateOperator {
                 self.groups[slot] = Some(group);
                 continue;
             }
-            let slot = match self.free.pop() {
-                Some(s) => {
-                    self.groups[s] = Some(group);
-                    s
-                }
-                None => {
-                    self.groups.push(Some(group));
-                    self.groups.len() - 1
-                }
-            };
+            let slot = self.place(group);
             self.index.insert(encoded, slot);
             if let Some(end) = window_end {
                 self.closing.entry(end).or_default().push(slot);
