@@ -587,9 +587,17 @@ impl Dataflow {
                 }
             }
             // A source may ask for a checkpoint early (its broker holds unacknowledged
-            // messages until one covers them).
-            let wanted = self.changed_since_checkpoint
+            // messages until one covers them). With nothing read since the last checkpoint,
+            // that one already covers the positions: say so instead of taking another.
+            let mut wanted = self.checkpointing.is_some()
                 && self.inputs.iter().any(|i| i.source.checkpoint_wanted());
+            if wanted && !self.changed_since_checkpoint {
+                for input in &mut self.inputs {
+                    let positions = input.source.positions();
+                    input.source.committed(&positions);
+                }
+                wanted = false;
+            }
             if let Some(at) = next_checkpoint
                 && (wanted || tokio::time::Instant::now() >= at)
             {

@@ -31,6 +31,9 @@ pub struct AckGate {
     changed: tokio::sync::Notify,
     /// Bumped by the ingest to ask for checkpoints; each reader remembers what it answered.
     wanted: AtomicU64,
+    /// Wakes the readers waiting for input when a checkpoint is wanted (they have read
+    /// everything, and nothing new comes while RabbitMQ waits for acks).
+    wanted_changed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -83,6 +86,7 @@ impl AckGate {
     /// Asks every reader for a checkpoint at its next round.
     pub fn want_checkpoint(&self) {
         self.wanted.fetch_add(1, Ordering::AcqRel);
+        self.wanted_changed.notify_waiters();
     }
 
     fn commit(&self, id: u64, committed: u64) {
@@ -120,8 +124,18 @@ impl Source for GatedReader {
         self.inner.published()
     }
 
+    /// Also returns when a checkpoint is wanted, so the dataflow takes it at once.
     async fn wait(&self, deadline: tokio::time::Instant) {
-        self.inner.wait(deadline).await
+        let wanted = self.gate.wanted_changed.notified();
+        tokio::pin!(wanted);
+        wanted.as_mut().enable();
+        if self.checkpoint_wanted() {
+            return;
+        }
+        tokio::select! {
+            _ = self.inner.wait(deadline) => {}
+            _ = wanted => {}
+        }
     }
 
     fn append_only(&self) -> bool {

@@ -400,7 +400,8 @@ async fn queue_session(
     let mut consumer = start_consuming(channel, config, None, status, running).await?;
     let mut newest = blocking(log, |l| Ok(l.end_offset())).await?.checked_sub(1);
     let mut held = std::collections::VecDeque::<HeldBatch>::new();
-    let mut asked = tokio::time::Instant::now();
+    // When the readers were last asked for a checkpoint, and what they covered then.
+    let mut asked: Option<(tokio::time::Instant, Option<u64>)> = None;
     loop {
         let batch = if held.is_empty() {
             next_batch(config, &mut consumer, status).await?
@@ -482,11 +483,20 @@ async fn queue_session(
         if due > 0 {
             acknowledge(session, progress, held.drain(..due)).await?;
         }
+        // RabbitMQ stops delivering at `prefetch` unacknowledged messages: from half of them
+        // on, ask the readers for a checkpoint — again once they answered (what they cover
+        // moved) or after HOLD_RECHECK.
         let waiting: usize = held.iter().map(|h| h.count).sum();
-        if waiting * 2 >= usize::from(config.prefetch) && asked.elapsed() >= HOLD_RECHECK {
-            // RabbitMQ stops delivering at `prefetch` unacknowledged messages.
-            gate.want_checkpoint();
-            asked = tokio::time::Instant::now();
+        if config.ack == AckAfter::Checkpoint && waiting * 2 >= usize::from(config.prefetch) {
+            let covered = gate.covered();
+            let ask = match asked {
+                None => true,
+                Some((at, then)) => then != covered || at.elapsed() >= HOLD_RECHECK,
+            };
+            if ask {
+                gate.want_checkpoint();
+                asked = Some((tokio::time::Instant::now(), covered));
+            }
         }
     }
 }
