@@ -921,7 +921,9 @@ impl Dataflow {
                         rw.u64(1);
                         rw.batch(&net.rows)?;
                         let weights: arrow::array::ArrayRef =
-                            Arc::new(net.weights.unwrap_or_else(|| Int64Array::from(vec![1])));
+                            Arc::new(net.weights.ok_or_else(|| {
+                                WeirError::internal("view changes without weights")
+                            })?);
                         let weights =
                             arrow::array::RecordBatch::try_from_iter([("weight", weights)])
                                 .map_err(|e| WeirError::internal(format!("view changes: {e}")))?;
