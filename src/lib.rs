@@ -92,7 +92,9 @@
 //!    [`stream::Dataflow`] stops between two rounds — every operator has seen
 //!    exactly the input up to its inputs' positions — and writes epoch *n*:
 //!    positions and watermarks, each [`stream::Operator::snapshot`] (through
-//!    [`state::SnapshotWriter`]), and the view's rows. A sink's root
+//!    [`state::SnapshotWriter`]), and the view's rows — or, while the chain may grow,
+//!    only what changed ([`stream::Operator::snapshot_changes`], the view's net
+//!    changes). A sink's root
 //!    ([`connector::api::Sink::precommit`]) stages its output instead.
 //! 2. [`state::CheckpointStore::commit`] syncs the state file and replaces the
 //!    manifest atomically; then [`connector::api::Sink::commit`] makes the epoch's
@@ -105,7 +107,9 @@
 //!    [`connector::api::Sink::restore`] commits the restored epoch again
 //!    (idempotently) and drops what was staged after it.
 //! 4. A RabbitMQ source's ingest appends deliveries to the source's own topic and
-//!    acknowledges them once durable, so replay after a crash reads Weir's log.
+//!    acknowledges them once every reader's checkpoint covers them
+//!    ([`connector::api::Source::committed`], [`connector::rabbitmq::AckGate`]), so
+//!    RabbitMQ keeps what no checkpoint covers and replay after a crash reads Weir's log.
 
 pub mod catalog;
 pub mod connector;
