@@ -228,7 +228,7 @@ impl ZSetState {
             }
             last.rows = concat_batches(&self.schema, [&last.rows, &rows])
                 .map_err(arrow_err("coalescing batches"))?;
-            last.hashes.extend_from_slice(&hashes);
+            last.hashes.extend(hashes);
             if !last.dead.is_empty() {
                 last.dead.resize(last.rows.num_rows(), false);
             }
@@ -236,19 +236,13 @@ impl ZSetState {
         } else {
             self.batches.push(Stored {
                 rows,
-                hashes: hashes.clone(),
+                hashes,
                 dead: Vec::new(),
                 dead_count: 0,
             });
             (self.batches.len() - 1, 0)
         };
-        let batches = &self.batches;
-        for (i, h) in hashes.into_iter().enumerate() {
-            self.index
-                .insert_unique(h, (b as u32, (first_row + i) as u32), |&(b, r)| {
-                    batches[b as usize].hashes[r as usize]
-                });
-        }
+        self.index_rows(b, first_row);
         Ok(())
     }
 
@@ -322,24 +316,28 @@ impl ZSetState {
                 entry.remove();
             }
         }
-        let hashes: Vec<u64> = old.iter().map(|(_, h)| *h).collect();
         if live_rows.num_rows() == 0 {
             self.empty_batches += 1;
         }
         self.batches[b] = Stored {
             rows: live_rows,
-            hashes: hashes.clone(),
+            hashes: old.into_iter().map(|(_, h)| h).collect(),
             dead: Vec::new(),
             dead_count: 0,
         };
+        self.index_rows(b, 0);
+        Ok(())
+    }
+
+    /// Indexes the rows of batch `b` from `first_row` on (all live: new or rewritten).
+    fn index_rows(&mut self, b: usize, first_row: usize) {
         let batches = &self.batches;
-        for (r, h) in hashes.into_iter().enumerate() {
+        for (r, &h) in batches[b].hashes.iter().enumerate().skip(first_row) {
             self.index
                 .insert_unique(h, (b as u32, r as u32), |&(b, r)| {
                     batches[b as usize].hashes[r as usize]
                 });
         }
-        Ok(())
     }
 
     /// Drops the empty batches and renumbers the index (rows keep their order).

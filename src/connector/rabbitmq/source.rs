@@ -487,8 +487,10 @@ async fn queue_session(
         // on, ask the readers for a checkpoint — again once they answered (what they cover
         // moved) or after HOLD_RECHECK.
         let waiting: usize = held.iter().map(|h| h.count).sum();
-        if config.ack == AckAfter::Checkpoint && waiting * 2 >= usize::from(config.prefetch) {
-            let covered = gate.covered();
+        // `covered` is only known (Some) with ack = 'checkpoint'.
+        if let Some(covered) = covered
+            && waiting * 2 >= usize::from(config.prefetch)
+        {
             let ask = match asked {
                 None => true,
                 Some((at, then)) => then != covered || at.elapsed() >= HOLD_RECHECK,
